@@ -1,0 +1,304 @@
+"""The ``inferno`` command line.
+
+``--profile``, ``--config`` and ``--set`` are global options: given before the
+subcommand or after it, every subcommand honours them. Plugins add subcommands
+through the ``inferno_cli_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import click
+import tomli_w
+
+from .assembly import enabled_drivers
+from .config import Layers, load_settings, masked, profile_chain, read_toml, shipped_profiles
+from .contracts import HOOK_PLUGIN_GROUP
+from .errors import ConfigError, InfernoError
+from .kernel import Kernel
+from .loader import GROUPS, call_for, discover, load, make_plugin_manager
+from .logs import configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class CliState:
+    """The global options, and the kernel they describe (built on first use)."""
+
+    profile: str = "edge"
+    config_file: str | None = None
+    sets: list[str] = field(default_factory=list)
+    _kernel: Kernel | None = None
+
+    def kernel(self) -> Kernel:
+        """The configured kernel for the chosen profile (raises ``ConfigError``)."""
+        if self._kernel is None:
+            self._kernel = Kernel.from_profile(self.profile, config_file=self.config_file,
+                                               sets=self.sets).configure()
+        return self._kernel
+
+
+def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, _: click.Parameter, value: Any) -> Any:
+        state = ctx.ensure_object(CliState)
+        if name == "sets":
+            state.sets.extend(value or ())
+        elif value is not None:
+            setattr(state, name, value)
+        return value
+    return callback
+
+
+def global_options(command: F) -> F:
+    """``--profile``, ``--config`` and ``--set``, accepted on the group and every subcommand."""
+    options = [
+        click.option("--profile", "-p", metavar="NAME|PATH", expose_value=False,
+                     callback=_remember("profile"), envvar="INFERNO_PROFILE",
+                     help="A shipped profile name or a profile file (default: edge)."),
+        click.option("--config", "-c", metavar="FILE", expose_value=False,
+                     callback=_remember("config_file"), envvar="INFERNO_CONFIG",
+                     help="A user configuration file layered over the profile."),
+        click.option("--set", "-s", "sets", metavar="SECTION.KEY=VALUE", multiple=True,
+                     expose_value=False, callback=_remember("sets"),
+                     help="Override one key; repeatable. The value is parsed as TOML."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+class InfernoGroup(click.Group):
+    """Adds the subcommands that plugins contribute."""
+
+    def _plugin_commands(self, ctx: click.Context) -> dict[str, click.Command]:
+        commands: dict[str, click.Command] = {}
+        state = ctx.ensure_object(CliState)
+        try:
+            results = state.kernel().hook.inferno_cli_commands()
+        except InfernoError:
+            return commands  # the core commands still work; `profile validate` explains
+        for result in results:
+            for command in result or ():
+                if command.name and command.name not in self.commands:
+                    commands[command.name] = command
+        return commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugin_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or self._plugin_commands(ctx).get(cmd_name)
+
+
+@click.group(cls=InfernoGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+@click.version_option(package_name="inferno", prog_name="inferno")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Inferno: serve local GGUF and ONNX models fast, safely and observably.
+
+    With no command, starts the runtime with the chosen profile (like `serve`).
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@cli.command()
+@global_options
+@click.pass_obj
+def serve(state: CliState) -> None:
+    """Start the profile's plugins and serve until SIGINT or SIGTERM."""
+    kernel = _configured(state)
+    logging_cfg = kernel.config["logging"]
+    configure_logging(logging_cfg["format"], logging_cfg["level"], logging_cfg["levels"])
+    try:
+        code = asyncio.run(kernel.serve())
+    except InfernoError as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+@cli.group()
+def plugins() -> None:
+    """List installed plugins and show what one provides."""
+
+
+@plugins.command("list")
+@global_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def plugins_list(state: CliState, as_json: bool) -> None:
+    """Every installed plugin: name, kind, distribution, version, enabled in the profile."""
+    catalog = discover()
+    settings = _first_pass(state)
+    enabled, _ = enabled_drivers(settings)
+    table = settings.data.get("plugins", {})
+    allow, block = list(table.get("allow", [])), list(table.get("block", []))
+    rows = []
+    for entry in sorted(catalog.all(), key=lambda e: (e.section, e.name)):
+        if entry.group == HOOK_PLUGIN_GROUP:
+            on = (not allow or entry.name in allow) and entry.name not in block
+        else:
+            on = entry.name in enabled.get(entry.section, []) and entry.name not in block
+        rows.append({"name": entry.name, "kind": entry.section, "distribution": entry.distribution,
+                     "version": entry.version, "enabled": on})
+    for (group, name), claims in catalog.conflicts.items():
+        dists = " and ".join(c.distribution for c in claims)
+        click.echo(f"warning: {group} plugin {name!r} is claimed by {dists}", err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _table(rows, ["name", "kind", "distribution", "version", "enabled"])
+
+
+@plugins.command("info")
+@global_options
+@click.argument("name")
+@click.pass_obj
+def plugins_info(state: CliState, name: str) -> None:
+    """A plugin's entry point, the hooks it implements and its config keys with defaults.
+
+    NAME is a plugin name, or KIND/NAME when two kinds share one.
+    """
+    kind, _, plain = name.rpartition("/")
+    matches = [e for e in discover().all() if e.name == plain and (not kind or e.section == kind)]
+    if not matches:
+        _fail(f"no installed plugin named {name!r}; see `inferno plugins list`")
+    if len(matches) > 1:
+        choices = ", ".join(f"{e.section}/{e.name}" for e in matches)
+        _fail(f"{name!r} is ambiguous; choose one of: {choices}")
+    entry = matches[0]
+    result = load(entry.group, [entry.name])
+    if entry.name in result.failed:
+        _fail(f"plugin {entry.name!r}: {result.failed[entry.name]}")
+    obj = result.loaded[entry.name]
+    manager = make_plugin_manager()
+    manager.register(obj, entry.name)
+    hooks = sorted(caller.name for caller in manager.get_hookcallers(obj) or [])
+    spec = call_for(manager, entry.name, "inferno_config_spec")
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    click.echo(f"name:         {entry.name}")
+    click.echo(f"kind:         {entry.section} ({entry.group})")
+    click.echo(f"distribution: {entry.distribution} {entry.version}")
+    click.echo(f"entry point:  {entry.value}")
+    if doc:
+        click.echo(f"about:        {doc[0]}")
+    click.echo(f"hooks:        {', '.join(hooks) or 'none'}")
+    click.echo(f"config:       [{entry.config_path}]")
+    defaults = dict(spec.defaults) if spec else {}
+    if not defaults:
+        click.echo("  (no settings)")
+    for key, value in masked(defaults, frozenset(spec.secrets) if spec else frozenset()).items():
+        click.echo(f"  {key} = {json.dumps(value)}")
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+@cli.group()
+def profile() -> None:
+    """List, show and validate profiles."""
+
+
+@profile.command("list")
+def profile_list() -> None:
+    """The profiles shipped with Inferno."""
+    rows = [{"name": name, "description": str(read_toml(path).get("description", ""))}
+            for name, path in shipped_profiles().items()]
+    _table(rows, ["name", "description"])
+
+
+@profile.command("show")
+@global_options
+@click.argument("ref", required=False, metavar="[NAME|PATH]")
+@click.option("--sources", is_flag=True, help="Show which file or variable set each key.")
+@click.pass_obj
+def profile_show(state: CliState, ref: str | None, sources: bool) -> None:
+    """The merged configuration of a profile, secrets masked."""
+    if ref:
+        state.profile = ref
+    kernel = _configured(state)
+    if sources:
+        settings = kernel.assembly.settings
+        shown = masked(settings.data, kernel.assembly.secret_paths())
+        for path in sorted(settings.sources):
+            click.echo(f"{path} = {json.dumps(_at(shown, path))}  # {settings.sources[path]}")
+        return
+    files = ", ".join(str(path) for path in kernel.layers.files)
+    click.echo(f"# profile {state.profile}, from: {files}")
+    click.echo(tomli_w.dumps(kernel.masked_config()))
+
+
+@profile.command("validate")
+@global_options
+@click.argument("ref", required=False, metavar="[NAME|PATH]")
+@click.pass_obj
+def profile_validate(state: CliState, ref: str | None) -> None:
+    """Exit 0 when the profile is valid, or print every problem and exit 1."""
+    if ref:
+        state.profile = ref
+    _configured(state)
+    click.echo(f"profile {state.profile} is valid")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _configured(state: CliState) -> Kernel:
+    try:
+        return state.kernel()
+    except InfernoError as exc:
+        _fail(str(exc))
+
+
+def _first_pass(state: CliState) -> Any:
+    try:
+        files = profile_chain(state.profile)
+        if state.config_file:
+            from pathlib import Path
+            files.append(Path(state.config_file))
+        return load_settings(Layers(files=files, sets=state.sets), defaults={})
+    except (InfernoError, ConfigError) as exc:
+        _fail(str(exc))
+
+
+def _at(tree: Any, path: str) -> Any:
+    for part in path.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[str(row[c]).lower() if isinstance(row[c], bool) else str(row[c]) for c in columns]
+             for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _fail(message: str) -> Any:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    configure_logging(os.environ.get("INFERNO_LOGGING__FORMAT", "console").strip('"'),
+                      level="warning")
+    cli.main(args=list(argv) if argv is not None else None, prog_name="inferno")
+
+
+__all__ = ["GROUPS", "CliState", "cli", "main"]

@@ -1,0 +1,1 @@
+"""Built-in exporters: send what the kernel observes somewhere else."""

@@ -1,0 +1,1 @@
+"""Inferno's shipped profiles: TOML files found by name (``inferno --profile edge``)."""
