@@ -97,11 +97,10 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
 
     _load_hook_plugins(assembly, extra, allowed, blocked, fail, log)
     _load_drivers(assembly, extra, enabled, blocked, fail)
-    try:
-        manager.hook.inferno_add_hookspecs.call_historic(kwargs={"plugin_manager": manager})
-        manager.check_pending()
-    except pluggy.PluginValidationError as exc:
-        fail(f"plugins.{exc.plugin_name}", f"bad hook implementation: {exc}")
+    manager.hook.inferno_add_hookspecs.call_historic(kwargs={"plugin_manager": manager})
+    for name, hook_name in loader.unknown_hooks(manager):
+        fail(assembly.plugin_path(name), f"implements {hook_name!r}, which is no hook "
+                                         f"(misspelled? see docs/hooks.md)")
 
     specs = {section: ConfigSpec(defaults=defaults, validators=KERNEL_VALIDATORS.get(section, ()))
              for section, defaults in kernel_spec_defaults().items()}

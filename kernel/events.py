@@ -85,7 +85,7 @@ class Subscription:
                     await result
             except Exception:
                 self.failures += 1
-                self.bus.log.exception("event subscriber failed", event=event.topic,
+                self.bus.log.exception("event subscriber failed", topic=event.topic,
                                        subscriber=_name(self.handler))
             finally:
                 self.queue.task_done()

@@ -140,6 +140,19 @@ def _trace(manager: pluggy.PluginManager, log: structlog.typing.FilteringBoundLo
     manager.add_hookcall_monitoring(before, after)
 
 
+def unknown_hooks(manager: pluggy.PluginManager) -> list[tuple[str, str]]:
+    """Every (plugin, hook name) implemented without a spec: what ``check_pending()``
+    raises for, all of them rather than the first."""
+    unknown = []
+    for name, plugin in manager.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        for caller in manager.get_hookcallers(plugin) or []:
+            if not caller.has_spec():
+                unknown.append((name, caller.name))
+    return unknown
+
+
 def call_for(manager: pluggy.PluginManager, plugin_name: str, hook_name: str,
              **kwargs: Any) -> Any:
     """Call one plugin's implementation of a hook (``None`` when it has none)."""

@@ -1,0 +1,258 @@
+"""The ``inferno`` command as a user runs it: a real subprocess each time."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import INFERNO, run_inferno
+
+SLOW_PROTOCOL = """
+import asyncio
+from inferno.kernel import Protocol
+
+class Slow(Protocol):
+    '''Holds one request in flight for a second, as a client would.'''
+
+    async def start(self):
+        self.task = asyncio.create_task(self.one_request())
+
+    async def one_request(self):
+        async with self.context.kernel.admit():
+            self.log.info("request admitted")
+            await asyncio.sleep(1.0)
+            (self.context.data_dir / "finished").write_text("yes")
+
+    async def stop(self):
+        await self.task
+"""
+
+COMMANDS = """
+import click
+from inferno.kernel import hookimpl
+from inferno.kernel.cli import CliState
+
+@click.command()
+def hello():
+    '''Say which profile is in force.'''
+    state = click.get_current_context().find_object(CliState)
+    click.echo(f"hello from {state.profile}, drain={state.kernel().config['kernel']['drain_timeout']}")
+
+@hookimpl
+def inferno_cli_commands():
+    return [hello]
+"""
+
+
+class Server:
+    """``inferno`` running in the background, its stderr read line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([str(INFERNO), *args], stderr=subprocess.PIPE, text=True,
+                                     stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not seen; stderr so far:\n{''.join(self.seen)}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 5) -> tuple[int, float]:
+        started = time.monotonic()
+        self.proc.send_signal(signum)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - started
+
+    def rest(self) -> str:
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+
+def test_edge_starts_and_sigterm_stops_it_with_exit_0_within_5_seconds():
+    server = Server("--profile", "edge")
+    try:
+        server.wait_for("ready")
+        code, took = server.stop(signal.SIGTERM)
+    finally:
+        server.proc.kill()
+    assert code == 0
+    assert took < 5
+    assert "stopped" in server.rest()
+
+
+def test_sigint_also_stops_gracefully():
+    server = Server("serve")  # edge is the default profile
+    try:
+        server.wait_for("ready")
+        code, _ = server.stop(signal.SIGINT)
+    finally:
+        server.proc.kill()
+    assert code == 0
+
+
+def test_sigterm_drains_an_inflight_request_before_exiting(installed, tmp_path):
+    installed("inferno-slow", {"inferno.protocols": {"slow": "fixture_slow:Slow"}},
+              {"fixture_slow": SLOW_PROTOCOL})
+    profile = tmp_path / "slow.toml"
+    profile.write_text('extends = "edge"\n[protocols.slow]\n')
+    server = Server("--profile", str(profile))
+    try:
+        server.wait_for("request admitted")
+        code, took = server.stop(signal.SIGTERM)
+    finally:
+        server.proc.kill()
+    assert code == 0
+    assert "draining" in server.rest()
+    assert (tmp_path / "data" / "protocols" / "slow" / "finished").read_text() == "yes"
+    assert took >= 0.5  # it really waited for the request
+
+
+def test_a_profile_naming_a_plugin_that_cannot_load_exits_non_zero_naming_it(installed,
+                                                                              tmp_path):
+    installed("inferno-broken", {"inferno.protocols": {"broken": "fixture_nope:Thing"}},
+              {"fixture_nope": "import not_a_real_dependency\n"})
+    profile = tmp_path / "broken.toml"
+    profile.write_text('extends = "edge"\n[protocols.broken]\n')
+    result = run_inferno("--profile", str(profile))
+    assert result.returncode == 1
+    assert "protocols.broken" in result.stderr
+    assert "not_a_real_dependency" in result.stderr
+
+
+def test_a_plugin_that_fails_to_start_exits_non_zero_naming_it(installed, tmp_path):
+    installed("inferno-busy", {"inferno.protocols": {"busy": "fixture_busy:Busy"}},
+              {"fixture_busy": "from inferno.kernel import Protocol\n"
+                               "class Busy(Protocol):\n"
+                               "    async def start(self): raise OSError('address in use')\n"
+                               "    async def stop(self): pass\n"})
+    profile = tmp_path / "busy.toml"
+    profile.write_text('extends = "edge"\n[protocols.busy]\n')
+    result = run_inferno("--profile", str(profile))
+    assert result.returncode == 1
+    assert "plugin 'busy': failed to start: OSError: address in use" in result.stderr
+
+
+def test_plugins_list_shows_builtins_with_distribution_and_enabled_state():
+    result = run_inferno("plugins", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["log"]["kind"] == "exporters"
+    assert rows["log"]["distribution"] == "inferno"
+    assert rows["log"]["enabled"] is True
+    disabled = run_inferno("plugins", "list", "--set", "exporters.log.enabled=false")
+    assert [line.split() for line in disabled.stdout.splitlines()][1][-1] == "false"
+
+
+def test_plugins_info_shows_hooks_and_config_keys():
+    result = run_inferno("plugins", "info", "log")
+    assert result.returncode == 0, result.stderr
+    assert "inferno_config_spec" in result.stdout
+    assert 'level = "info"' in result.stdout
+    assert "[exporters.log]" in result.stdout
+    missing = run_inferno("plugins", "info", "nonesuch")
+    assert missing.returncode == 1
+    assert "no installed plugin named 'nonesuch'" in missing.stderr
+
+
+def test_shipped_profiles_validate_and_are_listed():
+    listing = run_inferno("profile", "list")
+    assert {"edge", "enterprise"} <= {line.split()[0] for line in listing.stdout.splitlines()}
+    for name in ("edge", "enterprise"):
+        result = run_inferno("profile", "validate", name)
+        assert result.returncode == 0, result.stderr
+        assert f"profile {name} is valid" in result.stdout
+
+
+def test_validate_prints_all_three_mistakes_and_exits_1(tmp_path):
+    profile = tmp_path / "three.toml"
+    profile.write_text('extends = "edge"\n[kernel]\ndrain_timeout = -1\n'
+                       '[logging]\nformat = "xml"\n[exporters.log]\ntopic = ["x"]\n')
+    result = run_inferno("profile", "validate", str(profile))
+    assert result.returncode == 1
+    assert "3 problems" in result.stderr
+    for key in ("kernel.drain_timeout", "logging.format", "exporters.log.topic"):
+        assert f"{key}: " in result.stderr
+    assert f"(from {profile})" in result.stderr
+    assert "did you mean 'topics'?" in result.stderr
+
+
+def test_environment_variable_overrides_profile_key_in_profile_show():
+    result = run_inferno("profile", "show", "enterprise", "--sources",
+                         env={"INFERNO_LOGGING__LEVEL": "debug"})
+    assert result.returncode == 0, result.stderr
+    assert 'logging.level = "debug"  # environment variable INFERNO_LOGGING__LEVEL' \
+        in result.stdout
+
+
+def test_profile_show_masks_secrets(tmp_path):
+    profile = tmp_path / "secret.toml"
+    profile.write_text('extends = "edge"\n')
+    result = run_inferno("profile", "show", str(profile),
+                         env={"INFERNO_KERNEL__API_TOKEN": "tok-123"})
+    assert result.returncode == 1  # api_token is no kernel key...
+    assert "kernel.api_token: unknown key" in result.stderr
+    assert "tok-123" not in result.stderr + result.stdout  # ...and its value is never echoed
+
+
+def test_global_options_work_before_and_after_the_subcommand():
+    before = run_inferno("--set", "kernel.drain_timeout=7", "profile", "show")
+    after = run_inferno("profile", "show", "--set", "kernel.drain_timeout=7")
+    for result in (before, after):
+        assert result.returncode == 0, result.stderr
+        assert "drain_timeout = 7" in result.stdout
+
+
+def test_plugins_add_subcommands_through_the_hook(installed, tmp_path):
+    installed("inferno-hello", {"inferno.plugins": {"hello": "fixture_hello"}},
+              {"fixture_hello": COMMANDS})
+    result = run_inferno("--profile", "enterprise", "hello", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Say which profile is in force." in result.stdout
+    result = run_inferno("--profile", "enterprise", "--set", "kernel.drain_timeout=3", "hello")
+    assert result.stdout.strip() == "hello from enterprise, drain=3"
+    assert "hello" in run_inferno("--help").stdout
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["plugins"], ["plugins", "list"],
+                                     ["plugins", "info"], ["profile"], ["profile", "list"],
+                                     ["profile", "show"], ["profile", "validate"]])
+def test_every_command_has_help(command):
+    result = run_inferno(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage: inferno" in result.stdout
+
+
+def test_version():
+    result = run_inferno("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("inferno, version ")
+
+
+def test_module_entry_point(tmp_path: Path):
+    result = subprocess.run([str(INFERNO.with_name("python")), "-m", "inferno.kernel",
+                             "profile", "list"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "edge" in result.stdout

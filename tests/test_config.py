@@ -1,0 +1,180 @@
+"""Configuration: layers in order, environment and --set overrides, every error at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from dynaconf import Validator
+
+from inferno.kernel import ConfigError, ConfigSpec, Exporter, Kernel, ProfileNotFound, hookimpl
+from inferno.kernel.config import Layers, load_settings, masked, parse_set, profile_chain
+
+
+class Greeter(Exporter):
+    """A driver with settings of every type, for layering tests."""
+
+    @staticmethod
+    @hookimpl
+    def inferno_config_spec() -> ConfigSpec:
+        return ConfigSpec(
+            defaults={"port": 1, "greeting": "plugin default", "ratio": 0.5, "tags": [],
+                      "api_key": "", "tls": {"min_version": "1.2"}},
+            validators=[Validator("port", is_type_of=int, gte=1, lte=65535),
+                        Validator("tls.min_version", is_in=["1.2", "1.3"])],
+        )
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_each_layer_overrides_the_one_below(tmp_path, monkeypatch):
+    parent = write(tmp_path / "parent.toml", 'extends = "edge"\n[exporters.greeter]\n'
+                   'greeting = "parent"\nratio = 0.7\nport = 10\n')
+    child = write(tmp_path / "child.toml", 'extends = "parent.toml"\n'
+                  '[exporters.greeter]\ngreeting = "child"\nport = 20\n')
+    user = write(tmp_path / "user.toml", "[exporters.greeter]\nport = 30\n")
+    monkeypatch.setenv("INFERNO_EXPORTERS__GREETER__PORT", "40")
+    kernel = Kernel.from_profile(str(child), config_file=user,
+                                 sets=["exporters.greeter.tags=['a', 'b']"],
+                                 plugins={"greeter": Greeter}).configure()
+    cfg = kernel.config["exporters"]["greeter"]
+    assert cfg["port"] == 40  # env beats the user file, which beats the profiles
+    assert cfg["greeting"] == "child"  # the profile beats the profile it extends
+    assert cfg["ratio"] == 0.7  # kept from the parent
+    assert cfg["tls"]["min_version"] == "1.2"  # the plugin's own default
+    assert cfg["tags"] == ("a", "b")  # --set, parsed as TOML
+    assert kernel.config["logging"]["format"] == "console"  # from edge, over base
+    sources = kernel.assembly.settings
+    assert sources.source("exporters.greeter.port") == \
+        "environment variable INFERNO_EXPORTERS__GREETER__PORT"
+    assert sources.source("exporters.greeter.greeting") == str(child)
+    assert sources.source("exporters.greeter.ratio") == str(parent)
+    assert sources.source("exporters.greeter.tls.min_version") == "defaults of plugin greeter"
+    assert sources.source("exporters.greeter.tags") == "--set exporters.greeter.tags"
+
+
+def test_set_beats_environment(monkeypatch):
+    monkeypatch.setenv("INFERNO_KERNEL__DRAIN_TIMEOUT", "3")
+    kernel = Kernel.from_profile("edge", sets=["kernel.drain_timeout=4"]).configure()
+    assert kernel.config["kernel"]["drain_timeout"] == 4
+
+
+def test_environment_variable_overrides_a_profile_key(monkeypatch):
+    monkeypatch.setenv("INFERNO_LOGGING__FORMAT", "json")
+    assert Kernel.from_profile("edge").configure().config["logging"]["format"] == "json"
+
+
+def test_every_problem_is_reported_at_once_with_key_and_source(tmp_path, monkeypatch):
+    profile = write(tmp_path / "bad.toml", 'extends = "edge"\n[kernel]\ndrain_timeout = "soon"\n'
+                    '[logging]\nlevle = "info"\n[exporters.greeter]\nport = 70000\n')
+    monkeypatch.setenv("INFERNO_EXPORTERS__GREETER__TLS__MIN_VERSION", "1.0")
+    with pytest.raises(ConfigError) as caught:
+        Kernel.from_profile(str(profile), plugins={"greeter": Greeter}).configure()
+    problems = {p.key: p for p in caught.value.problems}
+    assert set(problems) == {"kernel.drain_timeout", "logging.levle", "exporters.greeter.port",
+                             "exporters.greeter.tls.min_version"}
+    assert problems["logging.levle"].message == "unknown key; did you mean 'level'?"
+    assert problems["exporters.greeter.port"].source == str(profile)
+    assert "at most 65535" in problems["exporters.greeter.port"].message
+    assert problems["exporters.greeter.tls.min_version"].source == \
+        "environment variable INFERNO_EXPORTERS__GREETER__TLS__MIN_VERSION"
+    assert "4 problems" in str(caught.value)
+
+
+def test_types_are_inferred_from_defaults(make_kernel):
+    with pytest.raises(ConfigError) as caught:
+        make_kernel({"exporters": {"greeter": {"greeting": 5, "tags": "x", "ratio": 1}}},
+                    plugins={"greeter": Greeter})
+    messages = {p.key: p.message for p in caught.value.problems}
+    assert messages == {"exporters.greeter.greeting": "must be a string, got integer 5",
+                        "exporters.greeter.tags": "must be a list, got string 'x'"}
+
+
+def test_unknown_section_is_reported_with_a_suggestion(make_kernel):
+    with pytest.raises(ConfigError, match=r"protocol: unknown section; did you mean 'protocols'"):
+        make_kernel({"protocol": {"http": {}}})
+
+
+def test_driver_that_is_not_installed_names_what_is(make_kernel):
+    with pytest.raises(ConfigError) as caught:
+        make_kernel({"exporters": {"lgo": {}}})
+    (problem,) = caught.value.problems
+    assert problem.key == "exporters.lgo"
+    assert "no plugin named 'lgo'" in problem.message
+    assert "installed exporters: log" in problem.message
+
+
+def test_a_driver_can_be_turned_off_by_a_higher_layer(make_kernel):
+    kernel = make_kernel({"exporters": {"greeter": {}}}, plugins={"greeter": Greeter},
+                         sets=["exporters.greeter.enabled=false"])
+    assert "greeter" not in kernel.assembly.drivers.get("exporters", {})
+
+
+def test_plugins_receive_only_their_own_frozen_section(make_kernel, run_kernel):
+    kernel = make_kernel({"exporters": {"greeter": {"port": 8}}}, plugins={"greeter": Greeter})
+
+    async def scenario(k):
+        return k.drivers("exporters")["greeter"].config
+
+    section = run_kernel(kernel, scenario)
+    assert isinstance(section, MappingProxyType)
+    assert set(section) == {"port", "greeting", "ratio", "tags", "api_key", "tls"}
+    with pytest.raises(TypeError):
+        section["port"] = 9  # type: ignore[index]
+
+
+def test_secrets_are_masked_when_shown(make_kernel):
+    kernel = make_kernel({"exporters": {"greeter": {"api_key": "sk-live-123"}}},
+                         plugins={"greeter": Greeter})
+    shown = kernel.masked_config()
+    assert shown["exporters"]["greeter"]["api_key"] == "********"
+    assert "sk-live-123" not in repr(shown)
+    assert kernel.config["exporters"]["greeter"]["api_key"] == "sk-live-123"
+
+
+def test_masking_by_name_and_by_declaration():
+    tree = {"a": {"password": "p", "token": "t", "tokens_per_minute": 5, "note": "n",
+                  "private": "x"}}
+    shown = masked(tree, frozenset({"a.private"}))
+    assert shown == {"a": {"password": "********", "token": "********", "tokens_per_minute": 5,
+                           "note": "n", "private": "********"}}
+
+
+def test_profiles_extending_in_a_cycle_are_rejected(tmp_path):
+    write(tmp_path / "a.toml", 'extends = "b.toml"\n')
+    write(tmp_path / "b.toml", 'extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="cycle: a.toml -> b.toml -> a.toml"):
+        profile_chain(str(tmp_path / "a.toml"))
+
+
+def test_unknown_profile_names_the_shipped_ones():
+    with pytest.raises(ProfileNotFound, match="no profile named 'edgy'; shipped profiles: "
+                                              "base, edge, enterprise"):
+        profile_chain("edgy")
+
+
+def test_malformed_set_is_a_clear_error():
+    with pytest.raises(ConfigError, match="expected --set section.key=value"):
+        parse_set("port9000")
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    bad = write(tmp_path / "broken.toml", "[kernel\n")
+    with pytest.raises(ConfigError, match="invalid TOML") as caught:
+        profile_chain(str(bad))
+    assert caught.value.problems[0].source == str(bad)
+
+
+def test_no_config_file_is_discovered_from_the_working_directory(tmp_path, monkeypatch):
+    for name in ("settings.toml", "inferno.toml", ".secrets.toml", "config.toml"):
+        write(tmp_path / name, '[kernel]\ndrain_timeout = 99\n[logging]\nformat = "json"\n')
+    write(tmp_path / ".env", "INFERNO_LOGGING__FORMAT=json\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(Layers(files=profile_chain("edge")), defaults={})
+    assert settings.data["kernel"]["drain_timeout"] == 10.0
+    assert settings.data["logging"]["format"] == "console"
+    assert settings.files == profile_chain("edge")
