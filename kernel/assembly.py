@@ -25,13 +25,11 @@ from .config import (
     kernel_spec_defaults,
     load_settings,
     nest,
-    raise_problems,
-    validate,
 )
 from .contracts import HOOK_PLUGIN_GROUP, KINDS, KINDS_BY_SECTION, Driver
 from .errors import ConfigProblem, InfernoError
 from .logs import get_logger
-from .validators import KERNEL_VALIDATORS
+from .validation import KERNEL_VALIDATORS, raise_problems, validate
 
 
 @dataclass
@@ -95,8 +93,8 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
     def fail(path: str, reason: str) -> None:
         problems.append(ConfigProblem(path, reason, first.source(path)))
 
-    _load_hook_plugins(assembly, extra, allowed, blocked, fail, log)
-    _load_drivers(assembly, extra, enabled, blocked, fail)
+    _load_hook_plugins(assembly, extra, allowed=allowed, blocked=blocked, fail=fail, log=log)
+    _load_drivers(assembly, extra, enabled=enabled, blocked=blocked, fail=fail)
     manager.hook.inferno_add_hookspecs.call_historic(kwargs={"plugin_manager": manager})
     for name, hook_name in loader.unknown_hooks(manager):
         fail(assembly.plugin_path(name), f"implements {hook_name!r}, which is no hook "
@@ -128,7 +126,7 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
     return assembly
 
 
-def _load_hook_plugins(assembly: Assembly, extra: Mapping[str, Any], allowed: list[str],
+def _load_hook_plugins(assembly: Assembly, extra: Mapping[str, Any], *, allowed: list[str],
                        blocked: list[str], fail: Any,
                        log: structlog.typing.FilteringBoundLogger) -> None:
     installed = assembly.catalog.names(HOOK_PLUGIN_GROUP)
@@ -153,8 +151,8 @@ def _load_hook_plugins(assembly: Assembly, extra: Mapping[str, Any], allowed: li
             assembly.hook_plugins[name] = obj
 
 
-def _load_drivers(assembly: Assembly, extra: Mapping[str, Any], enabled: Mapping[str, list[str]],
-                  blocked: list[str], fail: Any) -> None:
+def _load_drivers(assembly: Assembly, extra: Mapping[str, Any], *,
+                  enabled: Mapping[str, list[str]], blocked: list[str], fail: Any) -> None:
     for kind in KINDS:
         names = enabled.get(kind.section, [])
         for name in names:
@@ -179,9 +177,12 @@ def _load_drivers(assembly: Assembly, extra: Mapping[str, Any], enabled: Mapping
             if why:
                 fail(f"{kind.section}.{name}", why)
                 continue
-            if loader.register(assembly.manager, name, found[name],
-                               lambda n, why, s=kind.section: fail(f"{s}.{n}",
-                                                                   f"cannot register: {why}")):
+            section = kind.section
+
+            def cannot_register(plugin: str, why: str, section: str = section) -> None:
+                fail(f"{section}.{plugin}", f"cannot register: {why}")
+
+            if loader.register(assembly.manager, name, found[name], cannot_register):
                 assembly.drivers.setdefault(kind.section, {})[name] = found[name]
 
 

@@ -10,7 +10,6 @@ discovered in the working directory or its parents.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import re
 import tomllib
@@ -21,14 +20,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from dynaconf import Dynaconf, ValidationError, Validator
+from dynaconf import Dynaconf, Validator
 from dynaconf.utils.parse_conf import parse_conf_data
 
-from .contracts import KINDS_BY_SECTION
 from .errors import ConfigError, ConfigProblem, ProfileNotFound
+from .validation import KERNEL_SECTIONS
 
 ENV_PREFIX = "INFERNO"
-KERNEL_SECTIONS = ("kernel", "logging", "resources", "plugins")
 PROFILE_META_KEYS = ("extends", "description")
 #: Variables that configure the command line, not a config key.
 RESERVED_ENV = frozenset({"CONFIG", "PROFILE", "TRACE_HOOKS"})
@@ -245,139 +243,6 @@ def nest(path: str, value: Any) -> dict[str, Any]:
     for part in reversed(path.split(".")):
         value = {part: value}
     return dict(value)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def validate(settings: Settings, specs: Mapping[str, ConfigSpec],
-             extra_keys: Mapping[str, frozenset[str]] | None = None) -> list[ConfigProblem]:
-    """Every problem in ``settings`` against the specs (keyed by section path)."""
-    problems: list[ConfigProblem] = []
-    known_top = {*KERNEL_SECTIONS, *KINDS_BY_SECTION}
-    for section in settings.data:
-        if section not in known_top:
-            problems.append(_problem(settings, section,
-                                     f"unknown section{_suggest(section, known_top)}"))
-    for path, spec in specs.items():
-        tree = settings.get(path, {})
-        if not isinstance(tree, Mapping):
-            problems.append(_problem(settings, path, "must be a table"))
-            continue
-        allowed = (extra_keys or {}).get(path, frozenset())
-        if spec.strict:
-            problems += _unknown_keys(settings, path, tree, spec.defaults, allowed)
-        checked = {name.split(".")[0] for v in spec.validators for name in v.names}
-        typed = {k: v for k, v in spec.defaults.items() if k not in checked}
-        problems += _type_problems(settings, path, tree, typed)
-        problems += _run_validators(settings, path, tree, spec.validators)
-    return problems
-
-
-def _unknown_keys(settings: Settings, path: str, tree: Mapping[str, Any],
-                  defaults: Mapping[str, Any], allowed: frozenset[str]) -> list[ConfigProblem]:
-    problems = []
-    for key, value in tree.items():
-        if key in allowed:
-            continue
-        if key not in defaults:
-            hint = _suggest(key, set(defaults))
-            problems.append(_problem(settings, f"{path}.{key}", f"unknown key{hint}"))
-        elif isinstance(defaults[key], Mapping) and defaults[key] and isinstance(value, Mapping):
-            problems += _unknown_keys(settings, f"{path}.{key}", value, defaults[key],
-                                      frozenset())
-    return problems
-
-
-def _type_problems(settings: Settings, path: str, tree: Mapping[str, Any],
-                   defaults: Mapping[str, Any]) -> list[ConfigProblem]:
-    problems = []
-    for key, default in defaults.items():
-        if key not in tree or default is None:
-            continue
-        value, where = tree[key], f"{path}.{key}"
-        if isinstance(default, Mapping):
-            if not isinstance(value, Mapping):
-                problems.append(_problem(settings, where, f"must be a table, got {value!r}"))
-            elif default:
-                problems += _type_problems(settings, where, value, default)
-            continue
-        expected = _type_name(default)
-        if _type_name(value) != expected and not (expected == "float" and
-                                                   _type_name(value) == "integer"):
-            problems.append(_problem(settings, where, f"must be {_article(expected)}, "
-                                                      f"got {_type_name(value)} {value!r}"))
-    return problems
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "list"
-    if isinstance(value, Mapping):
-        return "table"
-    return type(value).__name__
-
-
-def _article(noun: str) -> str:
-    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
-
-
-_OPERATION_WORDS = {
-    "is_type_of": "be of type", "is_in": "be one of", "is_not_in": "not be one of",
-    "gte": "be at least", "gt": "be greater than", "lte": "be at most", "lt": "be less than",
-    "eq": "equal", "ne": "not equal", "len_min": "have a length of at least",
-    "len_max": "have a length of at most", "cont": "contain", "len_eq": "have a length of",
-}
-
-
-def _run_validators(settings: Settings, path: str, tree: Mapping[str, Any],
-                    validators: Sequence[Validator]) -> list[ConfigProblem]:
-    if not validators:
-        return []
-    scoped = Dynaconf(environments=False, load_dotenv=False, envvar_prefix=False,
-                      settings_files=[])
-    scoped.update(copy.deepcopy(dict(tree)), validate=False)
-    scoped.validators.register(*validators)
-    try:
-        scoped.validators.validate_all()
-    except ValidationError as exc:
-        problems = []
-        for validator, message in exc.details:
-            names = validator.names or ("?",)
-            key = f"{path}.{names[0]}".lower()
-            problems.append(_problem(settings, key, _readable(names[0], str(message))))
-        return problems
-    return []
-
-
-def _readable(name: str, message: str) -> str:
-    message = re.sub(r" in env \w+\.?$", "", message)
-    message = message.removeprefix(name).strip()
-    for operation, words in _OPERATION_WORDS.items():
-        message = message.replace(f"must {operation} ", f"must {words} ")
-    return re.sub(r"<class '(\w+)'>", r"\1", message)
-
-
-def _problem(settings: Settings, key: str, message: str) -> ConfigProblem:
-    return ConfigProblem(key=key, message=message, source=settings.source(key))
-
-
-def _suggest(word: str, choices: set[str] | frozenset[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def raise_problems(problems: Sequence[ConfigProblem]) -> None:
-    if problems:
-        raise ConfigError(problems)
 
 
 # --------------------------------------------------------------------------- masking, freezing

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Protocol as TypingProtocol
 
 if TYPE_CHECKING:
     import pluggy

@@ -18,7 +18,6 @@ from typing import Any
 
 import platformdirs
 import pluggy
-import structlog
 
 from . import loader
 from .assembly import Assembly, assemble
@@ -288,7 +287,9 @@ class Kernel:
         node: Any = self._config
         for part in path.split("."):
             node = node.get(part, {}) if isinstance(node, Mapping) else {}
-        return freeze({k: v for k, v in thaw(node).items() if k != "enabled"})
+        section: Mapping[str, Any] = freeze({k: v for k, v in thaw(node).items()
+                                             if k != "enabled"})
+        return section
 
     def _plugin_names(self) -> list[str]:
         return [*self.assembly.hook_plugins,

@@ -181,7 +181,7 @@ def load(group: str, names: Sequence[str]) -> LoadResult:
     if not names:
         return result
 
-    def failed(_: Any, entry_point: importlib.metadata.EntryPoint, exc: Exception) -> None:
+    def failed(_: Any, entry_point: importlib.metadata.EntryPoint, exc: BaseException) -> None:
         result.failed[entry_point.name] = f"cannot import {entry_point.value}: " \
                                           f"{type(exc).__name__}: {exc}"
 
@@ -189,7 +189,7 @@ def load(group: str, names: Sequence[str]) -> LoadResult:
         for name in missing_names:
             result.failed.setdefault(name, f"no plugin named {name!r} is installed in {group}")
 
-    extensions = NamedExtensionManager(
+    extensions: NamedExtensionManager[Any] = NamedExtensionManager(
         group, names=list(names), invoke_on_load=False, name_order=True,
         on_load_failure_callback=failed, on_missing_entrypoints_callback=missing,
     )

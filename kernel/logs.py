@@ -68,9 +68,9 @@ def get_logger(plugin: str | None = None) -> structlog.typing.FilteringBoundLogg
     It stays lazy: each call uses the logging configuration in force at that
     moment, so loggers made before ``configure_logging`` still follow it.
     """
-    logger: structlog.typing.FilteringBoundLogger = (
-        structlog.get_logger("inferno", plugin=plugin) if plugin else structlog.get_logger("inferno"))
-    return logger
+    if plugin:
+        return structlog.get_logger("inferno", plugin=plugin)  # type: ignore[no-any-return]
+    return structlog.get_logger("inferno")  # type: ignore[no-any-return]
 
 
 @contextmanager

@@ -44,7 +44,8 @@ from inferno.kernel.cli import CliState
 def hello():
     '''Say which profile is in force.'''
     state = click.get_current_context().find_object(CliState)
-    click.echo(f"hello from {state.profile}, drain={state.kernel().config['kernel']['drain_timeout']}")
+    drain = state.kernel().config["kernel"]["drain_timeout"]
+    click.echo(f"hello from {state.profile}, drain={drain}")
 
 @hookimpl
 def inferno_cli_commands():

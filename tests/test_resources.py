@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import ClassVar
+
 import pytest
 
 from inferno.kernel import EvictionRequest, ResourceExhausted, ResourceManager, hookimpl
@@ -43,10 +46,7 @@ def test_release_is_idempotent():
 
 
 def test_eviction_frees_room_for_a_new_reservation():
-    manager = ResourceManager({"memory": 1000}, evict=lambda request: evict(request))
-    idle = [manager.reserve("memory", 400, owner="model:a"),
-            manager.reserve("memory", 400, owner="model:b")]
-    requests = []
+    requests: list[EvictionRequest] = []
 
     def evict(request: EvictionRequest) -> int:
         requests.append(request)
@@ -54,6 +54,9 @@ def test_eviction_frees_room_for_a_new_reservation():
         victim.release()
         return victim.amount
 
+    manager = ResourceManager({"memory": 1000}, evict=evict)
+    idle = [manager.reserve("memory", 400, owner="model:a"),
+            manager.reserve("memory", 400, owner="model:b")]
     manager.reserve("memory", 500, owner="model:c")
     assert [r.amount for r in requests] == [300]  # one eviction was enough
     assert manager.usage()["memory"]["holders"] == {"model:b": 400, "model:c": 500}
@@ -61,7 +64,7 @@ def test_eviction_frees_room_for_a_new_reservation():
 
 async def test_kernel_evicts_through_the_hook(make_kernel):
     class IdleModels:
-        held: list = []
+        held: ClassVar[list] = []
 
         @staticmethod
         @hookimpl
@@ -91,7 +94,8 @@ def test_budgets_come_from_the_profile(make_kernel):
 
 def test_budget_values_are_validated(make_kernel):
     from inferno.kernel import ConfigError
-    with pytest.raises(ConfigError, match="resources.memory: must be \"auto\" or an amount"):
+    message = 'resources.memory: must be "auto" or an amount'
+    with pytest.raises(ConfigError, match=re.escape(message)):
         make_kernel({"resources": {"memory": "lots"}})
 
 
