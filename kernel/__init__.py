@@ -40,7 +40,14 @@ from .errors import (
     ProfileNotFound,
     ResourceExhausted,
 )
-from .events import Event, EventBus, KernelStateChanged, PluginStarted, PluginStopped
+from .events import (
+    Event,
+    EventBus,
+    KernelStateChanged,
+    PluginStarted,
+    PluginStopped,
+    Subscription,
+)
 from .hookspecs import hookimpl, hookspec
 from .kernel import Kernel, State
 from .logs import get_logger, request_context
@@ -86,6 +93,7 @@ __all__ = [
     "ResourceManager",
     "Scheduler",
     "State",
+    "Subscription",
     "get_logger",
     "hookimpl",
     "hookspec",

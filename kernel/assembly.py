@@ -95,7 +95,11 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
 
     _load_hook_plugins(assembly, extra, allowed=allowed, blocked=blocked, fail=fail, log=log)
     _load_drivers(assembly, extra, enabled=enabled, blocked=blocked, fail=fail)
-    manager.hook.inferno_add_hookspecs.call_historic(kwargs={"plugin_manager": manager})
+    try:
+        manager.hook.inferno_add_hookspecs.call_historic(kwargs={"plugin_manager": manager})
+    except pluggy.PluginValidationError as exc:
+        name = manager.get_name(exc.plugin) or "?"
+        fail(assembly.plugin_path(name), f"does not match a hook spec a plugin added: {exc}")
     for name, hook_name in loader.unknown_hooks(manager):
         fail(assembly.plugin_path(name), f"implements {hook_name!r}, which is no hook "
                                          f"(misspelled? see docs/hooks.md)")
@@ -121,7 +125,9 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
                   for section, names in assembly.drivers.items() for name in names}
     extra_keys["plugins"] = frozenset(PLUGINS_RESERVED | set(catalog.names(HOOK_PLUGIN_GROUP))
                                       | set(assembly.hook_plugins))
-    problems += validate(settings, specs, extra_keys)
+    broken = {p.key for p in problems}  # sections of plugins that failed are not checked again
+    problems += [p for p in validate(settings, specs, extra_keys)
+                 if not any(p.key.startswith(b + ".") for b in broken)]
     raise_problems(_unique(problems))
     return assembly
 

@@ -31,19 +31,32 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass
 class CliState:
-    """The global options, and the kernel they describe (built on first use)."""
+    """The global options, and the kernel they describe (built on first use).
+
+    A plugin's command reaches it with
+    ``click.get_current_context().find_object(CliState)``; its tests can hand
+    one a ready kernel with ``CliState.for_kernel(kernel)``.
+    """
 
     profile: str = "edge"
     config_file: str | None = None
     sets: list[str] = field(default_factory=list)
-    _kernel: Kernel | None = None
+    preset: Kernel | None = None
+    _built: dict[tuple[str, str | None, tuple[str, ...]], Kernel] = field(default_factory=dict)
+
+    @classmethod
+    def for_kernel(cls, kernel: Kernel) -> CliState:
+        return cls(preset=kernel)
 
     def kernel(self) -> Kernel:
-        """The configured kernel for the chosen profile (raises ``ConfigError``)."""
-        if self._kernel is None:
-            self._kernel = Kernel.from_profile(self.profile, config_file=self.config_file,
-                                               sets=self.sets).configure()
-        return self._kernel
+        """The configured kernel for the options as they stand now (raises ``ConfigError``)."""
+        if self.preset is not None:
+            return self.preset
+        key = (self.profile, self.config_file, tuple(self.sets))
+        if key not in self._built:
+            self._built[key] = Kernel.from_profile(self.profile, config_file=self.config_file,
+                                                   sets=self.sets).configure()
+        return self._built[key]
 
 
 def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -58,9 +71,13 @@ def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]
 
 
 def global_options(command: F) -> F:
-    """``--profile``, ``--config`` and ``--set``, accepted on the group and every subcommand."""
+    """``--profile``, ``--config`` and ``--set``, accepted on the group and every subcommand.
+
+    Works on a function or on an existing click command (plugins' commands get them
+    this way), so that the options can follow the command's name.
+    """
     options = [
-        click.option("--profile", "-p", metavar="NAME|PATH", expose_value=False,
+        click.option("--profile", "-p", "profile", metavar="NAME|PATH", expose_value=False,
                      callback=_remember("profile"), envvar="INFERNO_PROFILE",
                      help="A shipped profile name or a profile file (default: edge)."),
         click.option("--config", "-c", metavar="FILE", expose_value=False,
@@ -78,24 +95,34 @@ def global_options(command: F) -> F:
 class InfernoGroup(click.Group):
     """Adds the subcommands that plugins contribute."""
 
-    def _plugin_commands(self, ctx: click.Context) -> dict[str, click.Command]:
+    def _plugin_commands(self, ctx: click.Context) -> tuple[dict[str, click.Command], str]:
+        """The plugins' commands, or the reason they cannot be listed."""
         commands: dict[str, click.Command] = {}
         state = ctx.ensure_object(CliState)
         try:
             results = state.kernel().hook.inferno_cli_commands()
-        except InfernoError:
-            return commands  # the core commands still work; `profile validate` explains
+        except InfernoError as exc:
+            return commands, str(exc)  # the core commands still work
         for result in results:
             for command in result or ():
                 if command.name and command.name not in self.commands:
+                    if not any(p.name == "profile" for p in command.params):
+                        global_options(command)  # --profile etc. after the name, too
                     commands[command.name] = command
-        return commands
+        return commands, ""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self._plugin_commands(ctx)})
+        return sorted({*super().list_commands(ctx), *self._plugin_commands(ctx)[0]})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or self._plugin_commands(ctx).get(cmd_name)
+        builtin = super().get_command(ctx, cmd_name)
+        if builtin is not None:
+            return builtin
+        commands, problem = self._plugin_commands(ctx)
+        if cmd_name not in commands and problem:
+            _fail(f"no command {cmd_name!r} among the built-in ones, and the plugins' "
+                  f"commands are unavailable because the {problem}")
+        return commands.get(cmd_name)
 
 
 @click.group(cls=InfernoGroup, invoke_without_command=True,

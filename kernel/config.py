@@ -12,19 +12,21 @@ from __future__ import annotations
 import copy
 import os
 import re
+import tempfile
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import tomli_w
 from dynaconf import Dynaconf, Validator
 from dynaconf.utils.parse_conf import parse_conf_data
 
 from .errors import ConfigError, ConfigProblem, ProfileNotFound
-from .validation import KERNEL_SECTIONS
+from .validation import KERNEL_SECTIONS, MASK, is_secret
 
 ENV_PREFIX = "INFERNO"
 PROFILE_META_KEYS = ("extends", "description")
@@ -32,8 +34,6 @@ PROFILE_META_KEYS = ("extends", "description")
 RESERVED_ENV = frozenset({"CONFIG", "PROFILE", "TRACE_HOOKS"})
 #: Keys under ``[plugins]`` that are not plugin names.
 PLUGINS_RESERVED = frozenset({"allow", "block"})
-MASK = "********"
-SECRET_KEY = re.compile(r"(^|_)(key|secret|password|passwd|token|credentials?|passphrase)$")
 _DYNACONF_OPTIONS = {"LOAD_DOTENV"}
 
 
@@ -138,11 +138,14 @@ class Settings:
         return node
 
     def source(self, path: str) -> str:
-        while path:
-            if path in self.sources:
-                return self.sources[path]
-            path = path.rpartition(".")[0]
-        return ""
+        """The layer that set ``path``, an enclosing table, or a key inside it."""
+        probe = path
+        while probe:
+            if probe in self.sources:
+                return self.sources[probe]
+            probe = probe.rpartition(".")[0]
+        inside = sorted(k for k in self.sources if k.startswith(path + "."))
+        return self.sources[inside[0]] if inside else ""
 
 
 def parse_set(assignment: str) -> tuple[str, Any]:
@@ -157,58 +160,109 @@ def parse_set(assignment: str) -> tuple[str, Any]:
 
 def load_settings(layers: Layers, defaults: Mapping[str, Any],
                   owners: Mapping[str, str] | None = None) -> Settings:
-    """Merge every layer with dynaconf and record where each key came from."""
-    init = {key.upper(): value for key, value in copy.deepcopy(dict(defaults)).items()}
-    dyn = Dynaconf(
-        envvar_prefix=ENV_PREFIX,
-        environments=False,
-        load_dotenv=False,
-        merge_enabled=True,
-        settings_files=[str(path) for path in layers.files],
-        **init,
-    )
-    if layers.overrides:
-        dyn.update(copy.deepcopy(dict(layers.overrides)), loader_identifier="profile dict",
-                   validate=False)
-    for assignment in layers.sets:
-        key, value = parse_set(assignment)
-        dyn.set(key, value, loader_identifier=f"--set {key}", validate=False)
+    """Merge every layer with dynaconf and record where each key came from.
 
+    Tables merge key by key; a list is replaced whole by the highest layer that
+    sets it (dynaconf alone would append, and a higher layer could never remove
+    an entry from ``[plugins] block``).
+    """
+    init = {key.upper(): value for key, value in copy.deepcopy(dict(defaults)).items()}
+    with tempfile.TemporaryDirectory(prefix="inferno-config-") as scratch:
+        files = [str(path) for path in layers.files]
+        if layers.overrides:  # a profile given as a dict sits where a profile file would
+            dict_profile = Path(scratch) / "profile-dict.toml"
+            dict_profile.write_text(tomli_w.dumps(_plain(layers.overrides)))
+            files.append(str(dict_profile))
+        dyn = Dynaconf(envvar_prefix=ENV_PREFIX, environments=False, load_dotenv=False,
+                       merge_enabled=True, settings_files=files, **init)
+        for assignment in layers.sets:
+            key, value = parse_set(assignment)
+            dyn.set(key, value, loader_identifier=f"--set {key}", validate=False)
+        merged = _lower_keys(dyn.as_dict())
     data = {
-        key.lower(): value
-        for key, value in _lower_keys(dyn.as_dict()).items()
-        if key.upper() not in _DYNACONF_OPTIONS
-        and key.lower() not in PROFILE_META_KEYS
-        and not (key.upper() in RESERVED_ENV and key.lower() not in KERNEL_SECTIONS)
+        key: value for key, value in merged.items()
+        if key.upper() not in _DYNACONF_OPTIONS and key not in PROFILE_META_KEYS
+        and not (key.upper() in RESERVED_ENV and key not in KERNEL_SECTIONS)
     }
-    sources = _sources(layers, defaults, owners or {})
+    winners = _winning_layers(_raw_layers(layers, defaults, owners or {}))
+    for path, layer in winners.items():
+        value = _at(layer.tree, path)
+        if isinstance(value, list):
+            _put(data, path, copy.deepcopy(value))
+    sources = {path: layer.describe(path) for path, layer in winners.items()}
     return Settings(data=data, sources=sources, files=list(layers.files))
 
 
-def _sources(layers: Layers, defaults: Mapping[str, Any],
-             owners: Mapping[str, str]) -> dict[str, str]:
-    """Which layer set each key: the last one that names it, as dynaconf merges them."""
-    sources: dict[str, str] = {}
-    for path in _leaf_paths(_lower_keys(defaults)):
+@dataclass(frozen=True)
+class _Layer:
+    """One layer as written, before merging; ``root`` is set for layers that replace a
+    whole value (an environment variable, a ``--set``)."""
+
+    tree: Mapping[str, Any]
+    describe: Callable[[str], str]
+    root: str = ""
+
+
+def _raw_layers(layers: Layers, defaults: Mapping[str, Any],
+                owners: Mapping[str, str]) -> list[_Layer]:
+    def default_owner(path: str) -> str:
         owner = next((owners[s] for s in owners if path == s or path.startswith(s + ".")), "")
-        sources[path] = f"defaults of plugin {owner}" if owner else "defaults"
+        return f"defaults of plugin {owner}" if owner else "defaults"
+
+    raw = [_Layer(_lower_keys(defaults), default_owner)]
     for file in layers.files:
         tree = {k: v for k, v in read_toml(file).items() if k not in PROFILE_META_KEYS}
-        sources.update(dict.fromkeys(_leaf_paths(_lower_keys(tree)), str(file)))
+        raw.append(_Layer(_lower_keys(tree), _fixed(str(file))))
     if layers.overrides:
-        sources.update(dict.fromkeys(_leaf_paths(_lower_keys(layers.overrides)), "profile dict"))
+        raw.append(_Layer(_lower_keys(layers.overrides), _fixed("profile dict")))
     prefix = ENV_PREFIX + "_"
     for variable in sorted(os.environ):
         name = variable.removeprefix(prefix)
         if variable.startswith(prefix) and name.upper() not in RESERVED_ENV:
             path = ".".join(name.lower().split("__"))
-            sources = {k: v for k, v in sources.items() if not k.startswith(path + ".")}
-            sources[path] = f"environment variable {variable}"
+            value = parse_conf_data(os.environ[variable], tomlfy=True)
+            raw.append(_Layer(nest(path, _lower_keys(value)),
+                              _fixed(f"environment variable {variable}"), root=path))
     for assignment in layers.sets:
-        key = assignment.partition("=")[0].strip().lower()
-        sources = {k: v for k, v in sources.items() if not k.startswith(key + ".")}
-        sources[key] = f"--set {key}"
-    return sources
+        key, value = parse_set(assignment)
+        raw.append(_Layer(nest(key, _lower_keys(value)), _fixed(f"--set {key}"), root=key))
+    return raw
+
+
+def _fixed(description: str) -> Callable[[str], str]:
+    return lambda _: description
+
+
+def _winning_layers(raw: Sequence[_Layer]) -> dict[str, _Layer]:
+    winners: dict[str, _Layer] = {}
+    for layer in raw:
+        if layer.root:
+            winners = {k: v for k, v in winners.items()
+                       if k != layer.root and not k.startswith(layer.root + ".")}
+        for path in _leaf_paths(layer.tree):
+            winners[path] = layer
+    return winners
+
+
+def _at(tree: Any, path: str) -> Any:
+    for part in path.split("."):
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def _put(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _lower_keys(value: Any) -> Any:
@@ -256,7 +310,7 @@ def masked(tree: Mapping[str, Any], secret_paths: frozenset[str] = frozenset(),
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
             result[key] = masked(value, secret_paths, path + ".")
-        elif value not in ("", None) and (SECRET_KEY.search(key) or path in secret_paths):
+        elif value not in ("", None) and is_secret(path, secret_paths):
             result[key] = MASK
         else:
             result[key] = value

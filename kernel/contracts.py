@@ -2,7 +2,8 @@
 
 A driver is a class found by name in its kind's entry-point group. The kernel
 builds one instance per enabled driver, passing a :class:`DriverContext`, then
-awaits ``start()`` in dependency order and ``stop()`` in reverse. Per-request
+awaits ``start()`` in kind order (see ``KINDS``; within a kind, profile order)
+and ``stop()`` in reverse. Per-request
 work happens in the driver's own async methods, never in hook calls.
 """
 
@@ -45,6 +46,8 @@ class KernelHandle(TypingProtocol):
     @property
     def hook(self) -> pluggy.HookRelay: ...
 
+    def plugin_data_dir(self, section: str, name: str) -> Path: ...
+
     def drivers(self, kind: str) -> Mapping[str, Driver]: ...
 
     def admit(self) -> AbstractAsyncContextManager[None]: ...
@@ -63,7 +66,7 @@ class DriverContext:
     @property
     def data_dir(self) -> Path:
         """The driver's own folder inside the kernel's data directory (created on demand)."""
-        path = self.kernel.data_dir / self.kind / self.name
+        path = self.kernel.plugin_data_dir(self.kind, self.name)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -83,7 +86,7 @@ class Driver(abc.ABC):  # noqa: B024 - start/stop are optional for simple driver
         return self.context.name
 
     async def start(self) -> None:  # noqa: B027 - intentionally empty default
-        """Acquire what the driver needs. Called once, in dependency order."""
+        """Acquire what the driver needs. Called once, in kind order."""
 
     async def stop(self) -> None:  # noqa: B027 - intentionally empty default
         """Release what ``start`` acquired. Called only if ``start`` succeeded."""

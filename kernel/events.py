@@ -6,12 +6,17 @@ slow subscriber's queue is full the *oldest* queued event is dropped to make
 room for the new one (the subscriber sees the latest state, memory stays
 bounded) and the subscriber's ``dropped`` count goes up. A subscriber that
 raises is logged and keeps receiving later events.
+
+The bus also keeps the last ``history`` events, so a subscriber that starts
+late (an exporter starts after the backends) can ask for them with
+``replay=True``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -91,28 +96,46 @@ class Subscription:
                 self.queue.task_done()
 
     def cancel(self) -> None:
+        """Stop at once; events still queued are dropped."""
         self.bus.unsubscribe(self)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Handle what is already queued (up to ``timeout``), then stop."""
+        try:
+            await asyncio.wait_for(self.queue.join(), timeout)
+        except TimeoutError:
+            self.bus.log.warning("subscriber closed with events still queued",
+                                 subscriber=_name(self.handler), queued=self.queue.qsize())
+        self.cancel()
 
 
 class EventBus:
     """Publish typed events to every subscriber of their type or a base type."""
 
     def __init__(self, maxsize: int = 1000,
-                 log: structlog.typing.FilteringBoundLogger | None = None) -> None:
+                 log: structlog.typing.FilteringBoundLogger | None = None,
+                 history: int = 100) -> None:
         self.maxsize = maxsize
         self.log = log or structlog.get_logger("inferno.bus")
         self._subscriptions: list[Subscription] = []
+        self._history: deque[Event] = deque(maxlen=history)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.published = 0
 
     def subscribe(self, event_type: type[E], handler: Callable[[E], Awaitable[None] | None],
-                  *, maxsize: int | None = None) -> Subscription:
+                  *, maxsize: int | None = None, replay: bool = False) -> Subscription:
         """Call ``handler`` for every event of ``event_type`` (or a subclass).
 
         Must be called from a running event loop. ``handler`` may be sync or async.
+        With ``replay`` the handler first receives the matching events the bus
+        still remembers (the last ``history``), oldest first.
         """
         self._loop = asyncio.get_running_loop()
         subscription = Subscription(self, event_type, handler, maxsize or self.maxsize)
+        if replay:
+            for event in self._history:
+                if isinstance(event, event_type):
+                    subscription.offer(event)
         subscription.task = self._loop.create_task(subscription.run(),
                                                    name=f"bus:{_name(handler)}")
         self._subscriptions.append(subscription)
@@ -127,6 +150,7 @@ class EventBus:
     def publish(self, event: Event) -> None:
         """Hand ``event`` to every matching subscriber; returns at once."""
         self.published += 1
+        self._history.append(event)
         for subscription in list(self._subscriptions):
             if isinstance(event, subscription.event_type):
                 subscription.offer(event)

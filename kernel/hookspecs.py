@@ -31,7 +31,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec(historic=True)
 def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-    """Called once per plugin right after it is registered, before configuration.
+    """Called for every plugin once all of them are registered, before configuration.
 
     A plugin that offers hooks of its own to other plugins adds their specs here
     with ``plugin_manager.add_hookspecs(module)``. Returns nothing.

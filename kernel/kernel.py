@@ -21,7 +21,7 @@ import pluggy
 
 from . import loader
 from .assembly import Assembly, assemble
-from .config import Layers, freeze, masked, profile_chain, thaw
+from .config import Layers, freeze, masked, profile_chain, read_toml, thaw
 from .contracts import KINDS, Driver, DriverContext
 from .errors import ConfigError, ConfigProblem, Draining, LifecycleError, PluginError
 from .events import EventBus, KernelStateChanged, PluginStarted, PluginStopped
@@ -66,6 +66,10 @@ class Kernel:
             user = Path(config_file).expanduser().resolve()
             if not user.is_file():
                 raise ConfigError([ConfigProblem("--config", f"file {user} does not exist")])
+            if "extends" in read_toml(user):
+                raise ConfigError([ConfigProblem(
+                    "extends", "only a profile may extend another; use --profile for this file "
+                               "or remove `extends`", str(user))])
             files.append(user)
         return cls(Layers(files=files, sets=tuple(sets), overrides=overrides), plugins=plugins)
 
@@ -104,6 +108,10 @@ class Kernel:
         configured = str(self._config.get("kernel", {}).get("data_dir", ""))
         return Path(configured).expanduser() if configured else Path(
             platformdirs.user_data_dir("inferno", appauthor=False))
+
+    def plugin_data_dir(self, section: str, name: str) -> Path:
+        """A plugin's own folder in the data directory (not created here)."""
+        return self.data_dir / section / name
 
     def drivers(self, kind: str) -> Mapping[str, Driver]:
         return dict(self._drivers.get(kind, {}))
@@ -170,26 +178,30 @@ class Kernel:
         try:
             for kind in KINDS:
                 if kind.section == "protocols":
-                    current = "lifespan"
-                    for context in self.hook.inferno_lifespan(kernel=self):
+                    for name in self._plugin_names():
+                        current = name
+                        context = loader.call_for(self.manager, name, "inferno_lifespan",
+                                                  kernel=self)
                         if context is not None:
                             await self._stack.enter_async_context(context)
                     self._accepting = True
                 for name, cls in self.assembly.drivers.get(kind.section, {}).items():
                     current = name
                     await self._start_driver(kind.section, name, cls)
+            self._set_state(State.RUNNING)
+            current = "inferno_kernel_ready"
+            self.hook.inferno_kernel_ready(kernel=self)
         except BaseException as exc:
             self._accepting = False
             self.log.error("start failed, stopping what started", plugin_failed=current,
                            error=f"{type(exc).__name__}: {exc}")
-            self.hook.inferno_kernel_stopping(kernel=self, reason="start failed")
+            self._set_state(State.STOPPING)
+            self._notify_stopping("start failed")
             await self._unwind()
             if isinstance(exc, Exception) and not isinstance(exc, PluginError):
                 raise PluginError(current, f"failed to start: {type(exc).__name__}: {exc}"
                                   ) from exc
             raise
-        self._set_state(State.RUNNING)
-        self.hook.inferno_kernel_ready(kernel=self)
         self.log.info("ready", profile_files=[f.name for f in self.layers.files],
                       drivers={k: list(v) for k, v in self._drivers.items()},
                       data_dir=str(self.data_dir))
@@ -200,7 +212,7 @@ class Kernel:
             return
         self._accepting = False
         self._set_state(State.STOPPING)
-        self.hook.inferno_kernel_stopping(kernel=self, reason=reason)
+        self._notify_stopping(reason)
         timeout = float(self._config["kernel"]["drain_timeout"])
         if self._inflight:
             self.log.info("draining", inflight=self._inflight, timeout=timeout)
@@ -272,7 +284,15 @@ class Kernel:
         self._drivers.get(section, {}).pop(name, None)
         self.bus.publish(PluginStopped(plugin=name, kind=section, error=error))
 
+    def _notify_stopping(self, reason: str) -> None:
+        try:
+            self.hook.inferno_kernel_stopping(kernel=self, reason=reason)
+        except Exception as exc:  # a plugin's bug must not keep the others running
+            self.log.error("inferno_kernel_stopping failed", error=f"{type(exc).__name__}: {exc}")
+
     async def _unwind(self) -> None:
+        timeout = float(self._config["kernel"]["stop_timeout"])
+        await self.bus.drain(timeout)  # let subscribers see what happened before they stop
         if self._stack is not None:
             try:
                 await self._stack.aclose()
@@ -280,7 +300,7 @@ class Kernel:
                 self.log.error("error while stopping", error=f"{type(exc).__name__}: {exc}")
             self._stack = None
         self._set_state(State.STOPPED)
-        await self.bus.close(timeout=float(self._config["kernel"]["stop_timeout"]))
+        await self.bus.close(timeout)
         self.log.info("stopped")
 
     def _section(self, path: str) -> Mapping[str, Any]:

@@ -10,6 +10,7 @@ pluggy.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -208,12 +209,21 @@ def check_driver(section: str, name: str, obj: Any) -> str | None:
     abstract = sorted(getattr(obj, "__abstractmethods__", ()))
     if abstract:
         return f"{obj.__qualname__} does not implement {', '.join(abstract)}"
+    for attribute in dir(obj):
+        if attribute.startswith("inferno_") and inspect.isfunction(
+                inspect.getattr_static(obj, attribute)):
+            return (f"{obj.__qualname__}.{attribute} is a hook on a driver class: make it a "
+                    f"@staticmethod or @classmethod (the kernel registers the class)")
     return None
 
 
 def register(manager: pluggy.PluginManager, name: str, obj: Any,
              on_error: Callable[[str, str], None]) -> bool:
     """Register ``obj`` under ``name``; report a bad hook implementation through ``on_error``."""
+    if manager.has_plugin(name):
+        on_error(name, f"the name {name!r} is already taken by another plugin; plugin names "
+                       f"must be unique across kinds (uninstall or block one of them)")
+        return False
     try:
         manager.register(obj, name)
     except (pluggy.PluginValidationError, ValueError) as exc:

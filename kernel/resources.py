@@ -138,8 +138,9 @@ class ResourceManager:
     def _make_room(self, resource: str, amount: int, owner: str) -> None:
         while self._capacity[resource] - self.used(resource) < amount:
             missing = amount - (self._capacity[resource] - self.used(resource))
+            before = self.used(resource)
             freed = self._evict(EvictionRequest(resource, missing, owner)) if self._evict else 0
-            if freed <= 0:
+            if freed <= 0 or self.used(resource) >= before:  # nothing was really released
                 raise ResourceExhausted(
                     f"{owner} needs {amount} {resource} but only "
                     f"{self._capacity[resource] - self.used(resource)} of "

@@ -12,13 +12,14 @@ registered for one test and the data directory in the test's temporary folder::
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from .config import Layers, deep_merge, profile_chain, profiles_dir
+from .config import Layers, profile_chain, profiles_dir
 from .kernel import Kernel
 
 T = TypeVar("T")
@@ -46,9 +47,9 @@ def make_kernel(inferno_data_dir: Path) -> KernelFactory:
     def make(profile: Mapping[str, Any] | None = None, *,
              plugins: Mapping[str, Any] | None = None, base: str | None = None,
              sets: Sequence[str] = (), configure: bool = True) -> Kernel:
-        overrides = deep_merge({"kernel": {"data_dir": str(inferno_data_dir)}}, profile or {})
         files = profile_chain(base) if base else [profiles_dir() / "base.toml"]
-        kernel = Kernel(Layers(files=files, sets=tuple(sets), overrides=overrides),
+        data_dir = f"kernel.data_dir={json.dumps(str(inferno_data_dir))}"
+        kernel = Kernel(Layers(files=files, sets=(data_dir, *sets), overrides=profile),
                         plugins=plugins)
         return kernel.configure() if configure else kernel
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .config import ConfigSpec, Settings
 
 KERNEL_SECTIONS = ("kernel", "logging", "resources", "plugins")
+MASK = "********"
+SECRET_KEY = re.compile(r"(^|_)(key|secret|password|passwd|token|credentials?|passphrase)$")
 
 def validate(settings: Settings, specs: Mapping[str, ConfigSpec],
              extra_keys: Mapping[str, frozenset[str]] | None = None) -> list[ConfigProblem]:
@@ -41,9 +43,24 @@ def validate(settings: Settings, specs: Mapping[str, ConfigSpec],
             problems += _unknown_keys(settings, path, tree, spec.defaults, allowed)
         checked = {name.split(".")[0] for v in spec.validators for name in v.names}
         typed = {k: v for k, v in spec.defaults.items() if k not in checked}
-        problems += _type_problems(settings, path, tree, typed)
-        problems += _run_validators(settings, path, tree, spec.validators)
+        found = _type_problems(settings, path, tree, typed)
+        found += _run_validators(settings, path, tree, spec.validators)
+        secrets = {f"{path}.{key}" for key in spec.secrets}
+        problems += [_redacted(settings, p, secrets) for p in found]
     return problems
+
+
+def is_secret(path: str, declared: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether the value at ``path`` must never be shown: declared, or secret by its name."""
+    return path in declared or bool(SECRET_KEY.search(path.rpartition(".")[2]))
+
+
+def _redacted(settings: Settings, problem: ConfigProblem, declared: set[str]) -> ConfigProblem:
+    value = settings.get(problem.key)
+    if not is_secret(problem.key, declared) or value in ("", None):
+        return problem
+    message = problem.message.replace(repr(value), MASK).replace(str(value), MASK)
+    return ConfigProblem(problem.key, message, problem.source)
 
 
 def _unknown_keys(settings: Settings, path: str, tree: Mapping[str, Any],

@@ -235,6 +235,17 @@ def test_plugins_add_subcommands_through_the_hook(installed, tmp_path):
     result = run_inferno("--profile", "enterprise", "--set", "kernel.drain_timeout=3", "hello")
     assert result.stdout.strip() == "hello from enterprise, drain=3"
     assert "hello" in run_inferno("--help").stdout
+    after = run_inferno("hello", "--profile", "enterprise", "--set", "kernel.drain_timeout=4")
+    assert after.stdout.strip() == "hello from enterprise, drain=4", after.stderr
+
+
+def test_a_broken_profile_explains_why_plugin_commands_are_missing(installed):
+    installed("inferno-hello", {"inferno.plugins": {"hello": "fixture_hello2"}},
+              {"fixture_hello2": COMMANDS})
+    result = run_inferno("--set", "kernel.drain_timeout=soon", "hello")
+    assert result.returncode == 1
+    assert "plugins' commands are unavailable" in result.stderr
+    assert "kernel.drain_timeout" in result.stderr
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["plugins"], ["plugins", "list"],

@@ -179,3 +179,44 @@ def test_no_config_file_is_discovered_from_the_working_directory(tmp_path, monke
     assert settings.data["kernel"]["drain_timeout"] == 10.0
     assert settings.data["logging"]["format"] == "console"
     assert settings.files == profile_chain("edge")
+
+
+def test_a_higher_layer_replaces_a_list_instead_of_appending(tmp_path, monkeypatch):
+    profile = write(tmp_path / "p.toml", 'extends = "edge"\n[plugins]\nblock = ["a", "b"]\n'
+                    '[exporters.log]\ntopics = ["kernel.state"]\n')
+    user = write(tmp_path / "u.toml", '[plugins]\nblock = ["c"]\n')
+    monkeypatch.setenv("INFERNO_EXPORTERS__LOG__TOPICS", '["plugin.started"]')
+    kernel = Kernel.from_profile(str(profile), config_file=user).configure()
+    assert kernel.config["plugins"]["block"] == ("c",)
+    assert kernel.config["exporters"]["log"]["topics"] == ("plugin.started",)
+    emptied = Kernel.from_profile(str(profile), sets=["plugins.block=[]"]).configure()
+    assert emptied.config["plugins"]["block"] == ()
+
+
+def test_environment_beats_a_profile_given_as_a_dict(make_kernel, monkeypatch):
+    monkeypatch.setenv("INFERNO_KERNEL__STOP_TIMEOUT", "2.5")
+    kernel = make_kernel({"kernel": {"stop_timeout": 9.0, "drain_timeout": 1.0}})
+    assert kernel.config["kernel"]["stop_timeout"] == 2.5
+    assert kernel.config["kernel"]["drain_timeout"] == 1.0
+
+
+def test_secret_values_never_appear_in_validation_errors(make_kernel):
+    with pytest.raises(ConfigError) as caught:
+        make_kernel({"exporters": {"greeter": {"api_key": 424242}}}, plugins={"greeter": Greeter})
+    (problem,) = caught.value.problems
+    assert problem.key == "exporters.greeter.api_key"
+    assert "424242" not in str(caught.value)
+    assert "********" in problem.message
+
+
+def test_a_user_file_may_not_extend_a_profile(tmp_path):
+    user = write(tmp_path / "user.toml", 'extends = "enterprise"\n')
+    with pytest.raises(ConfigError, match="only a profile may extend another"):
+        Kernel.from_profile("edge", config_file=user)
+
+
+def test_an_unknown_section_names_the_file_it_came_from(tmp_path):
+    profile = write(tmp_path / "p.toml", 'extends = "edge"\n[servers.web]\nport = 1\n')
+    with pytest.raises(ConfigError) as caught:
+        Kernel.from_profile(str(profile)).configure()
+    assert caught.value.problems[0].source == str(profile)

@@ -106,3 +106,26 @@ async def test_unsubscribe_and_close():
     await bus.close()
     assert seen == ["a"]
     assert bus.stats()["subscribers"] == []
+
+
+async def test_a_late_subscriber_can_replay_recent_events():
+    bus = EventBus(history=2)
+    for name in ("a", "b", "c"):
+        bus.publish(ModelLoaded(model=name))
+    seen = []
+    bus.subscribe(ModelLoaded, lambda e: seen.append(e.model), replay=True)
+    bus.publish(ModelLoaded(model="d"))
+    await bus.drain()
+    assert seen == ["b", "c", "d"]  # the remembered two, then the new one
+
+
+async def test_closing_a_subscription_handles_what_is_queued_first():
+    bus = EventBus()
+    seen = []
+    sub = bus.subscribe(ModelLoaded, lambda e: seen.append(e.model))
+    for name in ("a", "b", "c"):
+        bus.publish(ModelLoaded(model=name))
+    await sub.close()
+    bus.publish(ModelLoaded(model="late"))
+    await asyncio.sleep(0)
+    assert seen == ["a", "b", "c"]

@@ -211,3 +211,70 @@ def test_event_base_topic_defaults_to_class_name():
         pass
 
     assert Custom().topic == "Custom"
+
+
+async def test_a_failing_ready_hook_stops_everything_that_started(make_kernel):
+    journal: list[str] = []
+
+    class Broken:
+        @staticmethod
+        def inferno_kernel_ready(kernel):
+            raise RuntimeError("ready hook bug")
+
+    kernel = make_kernel({"backends": {"engine": {}}},
+                         plugins={"engine": recorder(journal, Backend), "broken": Broken})
+    with pytest.raises(PluginError, match="ready hook bug"):
+        await kernel.start()
+    assert journal == ["start engine", "stop engine"]
+    assert kernel.state == State.STOPPED
+
+
+async def test_a_failing_stopping_hook_does_not_prevent_shutdown(make_kernel):
+    journal: list[str] = []
+
+    class Broken:
+        @staticmethod
+        def inferno_kernel_stopping(kernel, reason):
+            raise RuntimeError("stopping hook bug")
+
+    kernel = make_kernel({"backends": {"engine": {}}},
+                         plugins={"engine": recorder(journal, Backend), "broken": Broken})
+    async with kernel.running():
+        pass
+    assert journal == ["start engine", "stop engine"]
+
+
+async def test_a_failing_lifespan_is_reported_with_its_plugin_name(make_kernel):
+    class Background:
+        @staticmethod
+        def inferno_lifespan(kernel):
+            @asynccontextmanager
+            async def span():
+                raise OSError("cannot open socket")
+                yield
+            return span()
+
+    kernel = make_kernel(plugins={"background": Background})
+    with pytest.raises(PluginError) as caught:
+        await kernel.start()
+    assert caught.value.plugin == "background"
+
+
+async def test_subscribers_see_events_published_just_before_shutdown(make_kernel):
+    seen: list[str] = []
+
+    class Watcher:
+        @staticmethod
+        def inferno_lifespan(kernel):
+            @asynccontextmanager
+            async def span():
+                subscription = kernel.bus.subscribe(KernelStateChanged,
+                                                    lambda e: seen.append(e.state))
+                yield
+                subscription.cancel()
+            return span()
+
+    kernel = make_kernel(plugins={"watcher": Watcher})
+    async with kernel.running():
+        pass
+    assert seen == ["running", "stopping"]

@@ -131,3 +131,42 @@ def test_tracing_logs_every_hook_call_with_timing(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert '"hook": "inferno_config_spec"' in err
     assert '"ms": ' in err
+
+
+def test_a_hook_written_as_an_instance_method_on_a_driver_is_rejected(make_kernel):
+    from inferno.kernel import Exporter
+
+    class Careless(Exporter):
+        def inferno_config_spec(self):  # needs @staticmethod: the class is what registers
+            return None
+
+    with pytest.raises(ConfigError, match="make it a @staticmethod or @classmethod"):
+        make_kernel({"exporters": {"careless": {}}}, plugins={"careless": Careless})
+
+
+def test_a_plugin_hook_spec_that_clashes_is_reported(make_kernel):
+    import pluggy
+
+    class Specs:
+        @pluggy.HookspecMarker("inferno")
+        def inferno_kernel_ready(self, kernel, extra):  # clashes with the kernel's own
+            pass
+
+    class Offers:
+        @staticmethod
+        def inferno_add_hookspecs(plugin_manager):
+            plugin_manager.add_hookspecs(Specs)
+
+    with pytest.raises((ConfigError, ValueError)):
+        make_kernel(plugins={"offers": Offers})
+
+
+def test_one_name_in_two_kinds_is_refused_clearly(installed, make_kernel):
+    installed("inferno-logtools", {"inferno.plugins": {"log": "fixture_logtools"}},
+              {"fixture_logtools": ""})
+    with pytest.raises(ConfigError) as caught:
+        make_kernel({"exporters": {"log": {}}})
+    (problem,) = caught.value.problems
+    assert problem.key == "exporters.log"
+    assert "the name 'log' is already taken by another plugin" in problem.message
+    assert "unique across kinds" in problem.message

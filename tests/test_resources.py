@@ -103,3 +103,17 @@ def test_budget_values_are_validated(make_kernel):
                                               (2048, 2048), ("1.5k", 1500)])
 def test_parse_amount(text, amount):
     assert parse_amount(text) == amount
+
+
+def test_an_evictor_that_claims_to_free_but_does_not_cannot_hang_the_reservation():
+    calls = []
+
+    def liar(request: EvictionRequest) -> int:
+        calls.append(request)
+        return request.amount  # says it freed room, releases nothing
+
+    manager = ResourceManager({"memory": 100}, evict=liar)
+    manager.reserve("memory", 90, owner="model:a")
+    with pytest.raises(ResourceExhausted, match="nothing could be evicted"):
+        manager.reserve("memory", 20, owner="model:b")
+    assert len(calls) == 1
