@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from inferno.kernel import DriverContext, InfernoError, Kernel, get_logger, hookimpl
+from inferno.kernel import InfernoError, Kernel, hookimpl
 from inferno.kernel.cli import CliState
 
 from .exporter import NAME, EventFileExporter, events_file
@@ -54,10 +54,8 @@ def _events_path(kernel: Kernel) -> Path:
     if section is None:
         _fail(f"the {NAME} exporter is not enabled in this profile; add an "
               f"[exporters.{NAME}] table to it (see `inferno plugins info {NAME}`)")
-    # The driver's data folder, computed by the kernel's own rule rather than a copy of it.
-    context = DriverContext(name=NAME, kind=EventFileExporter.kind, config=section,
-                            kernel=kernel, log=get_logger(NAME))
-    return events_file(section, context.data_dir)
+    # The driver's data folder, by the kernel's own rule rather than a copy of it.
+    return events_file(section, kernel.plugin_data_dir(EventFileExporter.kind, NAME))
 
 
 def _enabled_section(kernel: Kernel) -> Mapping[str, Any] | None:

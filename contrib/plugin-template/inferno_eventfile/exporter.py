@@ -66,8 +66,9 @@ class EventFileExporter(Exporter):
         self.topics = frozenset(self.config["topics"])
         self.stream = self.path.open("a", encoding="utf-8")
         # Subscribing to the base class receives every event, including those of
-        # plugins that did not exist when this one was written.
-        self.subscription = self.context.kernel.bus.subscribe(Event, self.export)
+        # plugins that did not exist when this one was written; replay brings the
+        # ones published before this exporter started (the backends starting...).
+        self.subscription = self.context.kernel.bus.subscribe(Event, self.export, replay=True)
 
     def export(self, event: Event) -> None:
         """Write one event; flushed at once so a crash loses at most the line being written."""
@@ -79,12 +80,11 @@ class EventFileExporter(Exporter):
     async def stop(self) -> None:
         """Write what is still queued for us, then leave the bus and close the file.
 
-        The bus delivers through a queue: without the drain, the events published
-        just before shutdown (``kernel.state`` → ``stopping``) would be lost.
+        The bus delivers through a queue: ``close()`` handles what is queued, so the
+        events published just before shutdown (``kernel.state`` → ``stopping``) are kept.
         """
         if self.subscription is not None:
-            await self.context.kernel.bus.drain()
-            self.subscription.cancel()
+            await self.subscription.close()
             self.subscription = None
         if self.stream is not None:
             self.stream.close()

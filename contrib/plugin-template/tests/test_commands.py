@@ -12,19 +12,9 @@ from inferno_eventfile.commands import events, inferno_cli_commands
 PLUGINS = {"eventfile": EventFileExporter}
 
 
-class StateFor(CliState):
-    """The command line's state with a kernel the test built, instead of one from a profile."""
-
-    def __init__(self, kernel: Kernel) -> None:
-        super().__init__()
-        self.built = kernel
-
-    def kernel(self) -> Kernel:
-        return self.built
-
-
 def invoke(kernel: Kernel, *args: str) -> Result:
-    return CliRunner().invoke(events, list(args), obj=StateFor(kernel))
+    """Run the command with a kernel the test built, instead of one from a profile."""
+    return CliRunner().invoke(events, list(args), obj=CliState.for_kernel(kernel))
 
 
 async def nothing(kernel: Kernel) -> None:
