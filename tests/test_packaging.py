@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -84,9 +85,38 @@ def test_plain_install_in_a_fresh_venv_lists_builtins_and_the_template(wheel, tm
     assert template["kind"] == "exporters"
     assert template["distribution"] == "inferno-plugin-eventfile"
     assert template["enabled"] is False  # installed, but no profile names it yet
-    enabled = run(bin_dir / "inferno", "plugins", "list", "--json",
-                  "--set", "exporters.eventfile.path='ev.jsonl'", cwd=tmp_path, env=env).stdout
+    profile = tmp_path / "events.toml"
+    profile.write_text('extends = "edge"\n[exporters.eventfile]\npath = "ev.jsonl"\n'
+                       'topics = ["kernel.state"]\n')
+    enabled = run(bin_dir / "inferno", "--profile", profile, "plugins", "list", "--json",
+                  cwd=tmp_path, env=env).stdout
     assert {row["name"]: row for row in json.loads(enabled)}["eventfile"]["enabled"] is True
+
+    # The profile enables and configures it, and the running kernel uses it.
+    server = subprocess.Popen([bin_dir / "inferno", "--profile", profile], cwd=tmp_path,
+                              env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+    assert server.stderr is not None
+    for line in server.stderr:
+        if "ready" in line:
+            break
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+    written = tmp_path / "data" / "exporters" / "eventfile" / "ev.jsonl"
+    states = [json.loads(line)["state"] for line in written.read_text().splitlines()]
+    assert states == ["configured", "starting", "running", "stopping"]
+    tail = run(bin_dir / "inferno", "events", "-n", "1", "--profile", profile, cwd=tmp_path,
+               env=env).stdout
+    assert json.loads(tail)["state"] == "stopping"
+
+
+def test_the_template_passes_its_own_tests():
+    template = REPO / "contrib" / "plugin-template"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(template / "tests")], cwd=template, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(template)},
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout
 
 
 def test_editable_install_maps_the_folders_into_the_namespace(tmp_path):
