@@ -86,6 +86,14 @@ class Server:
         code = self.proc.wait(timeout)
         return code, time.monotonic() - started
 
+    def signal_after(self, text: str, signum: int = signal.SIGTERM) -> tuple[int, float]:
+        """Wait for ``text`` on stderr, send ``signum``, return the exit code and the wait."""
+        try:
+            self.wait_for(text)
+            return self.stop(signum)
+        finally:
+            self.proc.kill()
+
     def rest(self) -> str:
         while not self.lines.empty():
             self.seen.append(self.lines.get())
@@ -94,23 +102,14 @@ class Server:
 
 def test_edge_starts_and_sigterm_stops_it_with_exit_0_within_5_seconds():
     server = Server("--profile", "edge")
-    try:
-        server.wait_for("ready")
-        code, took = server.stop(signal.SIGTERM)
-    finally:
-        server.proc.kill()
+    code, took = server.signal_after("ready", signal.SIGTERM)
     assert code == 0
     assert took < 5
     assert "stopped" in server.rest()
 
 
 def test_sigint_also_stops_gracefully():
-    server = Server("serve")  # edge is the default profile
-    try:
-        server.wait_for("ready")
-        code, _ = server.stop(signal.SIGINT)
-    finally:
-        server.proc.kill()
+    code, _ = Server("serve").signal_after("ready", signal.SIGINT)  # edge is the default
     assert code == 0
 
 
@@ -120,11 +119,7 @@ def test_sigterm_drains_an_inflight_request_before_exiting(installed, tmp_path):
     profile = tmp_path / "slow.toml"
     profile.write_text('extends = "edge"\n[protocols.slow]\n')
     server = Server("--profile", str(profile))
-    try:
-        server.wait_for("request admitted")
-        code, took = server.stop(signal.SIGTERM)
-    finally:
-        server.proc.kill()
+    code, took = server.signal_after("request admitted", signal.SIGTERM)
     assert code == 0
     assert "draining" in server.rest()
     assert (tmp_path / "data" / "protocols" / "slow" / "finished").read_text() == "yes"
