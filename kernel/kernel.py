@@ -9,6 +9,7 @@ reverse. While running the configuration is frozen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -172,7 +173,13 @@ class Kernel:
         self._require(State.CONFIGURED)
         self._set_state(State.STARTING)
         self._idle.set()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._set_state(State.STOPPED)
+            raise ConfigError([ConfigProblem(
+                "kernel.data_dir", f"cannot create {self.data_dir}: {exc.strerror}",
+                self.assembly.settings.source("kernel.data_dir"))]) from exc
         self._stack = AsyncExitStack()
         current = "kernel"
         try:
@@ -247,7 +254,17 @@ class Kernel:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
         try:
-            await self.start()
+            starting = asyncio.create_task(self.start())
+            signalled = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # a signal while a plugin is still starting
+                self.log.info("start interrupted, stopping what started", reason=reasons[0])
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return 0
+            signalled.cancel()
+            starting.result()  # a failed start raises here
             await stop_requested.wait()
             self.log.info("shutting down", reason=reasons[0])
             await self.stop(reasons[0])

@@ -263,3 +263,49 @@ def test_module_entry_point(tmp_path: Path):
                              "profile", "list"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "edge" in result.stdout
+
+
+HANGING = """
+import asyncio
+from inferno.kernel import Backend, Protocol
+
+class Engine(Backend):
+    async def start(self):
+        (self.context.data_dir / "engine").write_text("started")
+
+    async def stop(self):
+        (self.context.data_dir / "engine").write_text("stopped")
+
+    async def load(self, spec):
+        raise NotImplementedError
+
+class Stuck(Protocol):
+    async def start(self):
+        self.log.info("binding forever")
+        await asyncio.Event().wait()
+
+    async def stop(self):
+        pass
+"""
+
+
+def test_sigterm_while_a_plugin_is_still_starting_stops_what_started(installed, tmp_path):
+    installed("inferno-stuck", {"inferno.backends": {"engine": "fixture_stuck:Engine"},
+                                "inferno.protocols": {"stuck": "fixture_stuck:Stuck"}},
+              {"fixture_stuck": HANGING})
+    profile = tmp_path / "stuck.toml"
+    profile.write_text('extends = "edge"\n[backends.engine]\n[protocols.stuck]\n')
+    server = Server("--profile", str(profile))
+    code, took = server.signal_after("binding forever", signal.SIGTERM)
+    assert code == 0
+    assert took < 5
+    assert (tmp_path / "data" / "backends" / "engine" / "engine").read_text() == "stopped"
+
+
+def test_an_unusable_data_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_inferno("--set", f"kernel.data_dir='{blocker}/data'")
+    assert result.returncode == 1
+    assert f"kernel.data_dir: cannot create {blocker}/data" in result.stderr
+    assert "(from --set kernel.data_dir)" in result.stderr
