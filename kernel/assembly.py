@@ -100,9 +100,12 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
     except pluggy.PluginValidationError as exc:
         name = manager.get_name(exc.plugin) or "?"
         fail(assembly.plugin_path(name), f"does not match a hook spec a plugin added: {exc}")
-    for name, hook_name in loader.unknown_hooks(manager):
+    unknown = loader.unknown_hooks(manager)
+    for name, hook_name in unknown:
         fail(assembly.plugin_path(name), f"implements {hook_name!r}, which is no hook "
                                          f"(misspelled? see docs/hooks.md)")
+    if not unknown:
+        manager.check_pending()  # pluggy's own check, as a backstop to the list above
 
     specs = {section: ConfigSpec(defaults=defaults, validators=KERNEL_VALIDATORS.get(section, ()))
              for section, defaults in kernel_spec_defaults().items()}

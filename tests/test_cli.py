@@ -175,8 +175,9 @@ def test_plugins_info_shows_hooks_and_config_keys():
 
 def test_shipped_profiles_validate_and_are_listed():
     listing = run_inferno("profile", "list")
-    assert {"edge", "enterprise"} <= {line.split()[0] for line in listing.stdout.splitlines()}
-    for name in ("edge", "enterprise"):
+    shipped = {line.split()[0] for line in listing.stdout.splitlines()[1:]}
+    assert {"base", "edge", "enterprise"} <= shipped
+    for name in sorted(shipped):
         result = run_inferno("profile", "validate", name)
         assert result.returncode == 0, result.stderr
         assert f"profile {name} is valid" in result.stdout
