@@ -70,7 +70,12 @@ def enabled_drivers(settings: Settings) -> tuple[dict[str, list[str]], list[Conf
                 problems.append(ConfigProblem(
                     f"{kind.section}.{name}", f"must be a table ([{kind.section}.{name}])",
                     settings.source(f"{kind.section}.{name}")))
-            elif table.get("enabled", True) is not False:
+            elif not isinstance(table.get("enabled", True), bool):
+                problems.append(ConfigProblem(
+                    f"{kind.section}.{name}.enabled",
+                    f"must be true or false, got {table['enabled']!r}",
+                    settings.source(f"{kind.section}.{name}.enabled")))
+            elif table.get("enabled", True):
                 enabled.setdefault(kind.section, []).append(name)
     return enabled, problems
 
@@ -84,6 +89,8 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
     plugin_table = first.data.get("plugins", {})
     blocked = list(plugin_table.get("block", [])) if isinstance(plugin_table, Mapping) else []
     allowed = list(plugin_table.get("allow", [])) if isinstance(plugin_table, Mapping) else []
+    configured = [name for name, value in plugin_table.items()
+                  if isinstance(value, Mapping)] if isinstance(plugin_table, Mapping) else []
     enabled, problems = enabled_drivers(first)
 
     manager = loader.make_plugin_manager(blocked, log)
@@ -93,13 +100,18 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
     def fail(path: str, reason: str) -> None:
         problems.append(ConfigProblem(path, reason, first.source(path)))
 
-    _load_hook_plugins(assembly, extra, allowed=allowed, blocked=blocked, fail=fail, log=log)
+    _load_hook_plugins(assembly, extra, allowed=allowed, named=configured, blocked=blocked,
+                       fail=fail, log=log)
     _load_drivers(assembly, extra, enabled=enabled, blocked=blocked, fail=fail)
     try:
         manager.hook.inferno_add_hookspecs.call_historic(kwargs={"plugin_manager": manager})
     except pluggy.PluginValidationError as exc:
         name = manager.get_name(exc.plugin) or "?"
         fail(assembly.plugin_path(name), f"does not match a hook spec a plugin added: {exc}")
+    for name, hook_name in loader.async_hooks(manager):
+        fail(assembly.plugin_path(name), f"{hook_name} is async; hooks are synchronous "
+                                         f"(return an async context manager from "
+                                         f"inferno_lifespan for async work)")
     unknown = loader.unknown_hooks(manager)
     for name, hook_name in unknown:
         fail(assembly.plugin_path(name), f"implements {hook_name!r}, which is no hook "
@@ -117,6 +129,10 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
             spec = loader.call_for(manager, name, "inferno_config_spec") or ConfigSpec()
         except Exception as exc:  # a plugin's bug, reported like any config problem
             fail(path, f"inferno_config_spec failed: {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(spec, ConfigSpec):
+            fail(path, f"inferno_config_spec must return a ConfigSpec or None, "
+                       f"got {type(spec).__name__}")
             continue
         specs[path] = spec
         owners[path] = name
@@ -136,7 +152,7 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
 
 
 def _load_hook_plugins(assembly: Assembly, extra: Mapping[str, Any], *, allowed: list[str],
-                       blocked: list[str], fail: Any,
+                       named: list[str], blocked: list[str], fail: Any,
                        log: structlog.typing.FilteringBoundLogger) -> None:
     installed = assembly.catalog.names(HOOK_PLUGIN_GROUP)
     wanted = allowed or [n for n in installed if n not in blocked]
@@ -151,6 +167,8 @@ def _load_hook_plugins(assembly: Assembly, extra: Mapping[str, Any], *, allowed:
     for name, reason in result.failed.items():
         if name in allowed:
             fail("plugins.allow", f"plugin {name!r}: {reason}")
+        elif name in named:  # the profile configures it, so it asked for it
+            fail(f"plugins.{name}", reason)
         else:  # only discovered, not asked for: skip it and say so
             assembly.skipped[name] = reason
             log.warning("skipping plugin that failed to load", name=name, reason=reason)

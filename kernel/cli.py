@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -21,9 +22,9 @@ import tomli_w
 from .assembly import enabled_drivers
 from .config import Layers, load_settings, masked, profile_chain, read_toml, shipped_profiles
 from .contracts import HOOK_PLUGIN_GROUP
-from .errors import ConfigError, InfernoError
+from .errors import InfernoError
 from .kernel import Kernel
-from .loader import GROUPS, call_for, discover, load, make_plugin_manager
+from .loader import GROUPS, PluginEntry, call_for, discover, load, make_plugin_manager
 from .logs import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,9 +55,26 @@ class CliState:
             return self.preset
         key = (self.profile, self.config_file, tuple(self.sets))
         if key not in self._built:
+            self.log_like_profile()
             self._built[key] = Kernel.from_profile(self.profile, config_file=self.config_file,
                                                    sets=self.sets).configure()
         return self._built[key]
+
+    def layers(self) -> Layers:
+        files = profile_chain(self.profile)
+        if self.config_file:
+            files.append(Path(self.config_file).expanduser().resolve())
+        return Layers(files=files, sets=tuple(self.sets))
+
+    def log_like_profile(self) -> None:
+        """Log as the profile says from the start, so that even what happens while it is
+        loaded (warnings, traced hooks) comes out in its format and level."""
+        try:
+            section = load_settings(self.layers(), defaults={}).data.get("logging", {})
+            configure_logging(section.get("format", "console"), section.get("level", "info"),
+                              section.get("levels", {}))
+        except (InfernoError, KeyError, TypeError, AttributeError):
+            pass  # the configuration itself will report what is wrong
 
 
 def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -103,8 +121,12 @@ class InfernoGroup(click.Group):
             results = state.kernel().hook.inferno_cli_commands()
         except InfernoError as exc:
             return commands, str(exc)  # the core commands still work
-        for result in results:
-            for command in result or ():
+        for plugin_result in results:
+            for command in plugin_result or ():
+                if not isinstance(command, click.Command):
+                    click.echo(f"warning: a plugin's inferno_cli_commands returned {command!r}, "
+                               f"which is not a click command; ignored", err=True)
+                    continue
                 if command.name and command.name not in self.commands:
                     if not any(p.name == "profile" for p in command.params):
                         global_options(command)  # --profile etc. after the name, too
@@ -158,6 +180,7 @@ def serve(state: CliState) -> None:
 
 
 @cli.group()
+@global_options
 def plugins() -> None:
     """List installed plugins and show what one provides."""
 
@@ -174,20 +197,23 @@ def plugins_list(state: CliState, as_json: bool) -> None:
     table = settings.data.get("plugins", {})
     allow, block = list(table.get("allow", [])), list(table.get("block", []))
     rows = []
-    for entry in sorted(catalog.all(), key=lambda e: (e.section, e.name)):
+    claims = [*catalog.all(), *(c for group in catalog.conflicts.values() for c in group[1:])]
+    for entry in sorted(claims, key=lambda e: (e.section, e.name, e.distribution)):
         if entry.group == HOOK_PLUGIN_GROUP:
             on = (not allow or entry.name in allow) and entry.name not in block
         else:
             on = entry.name in enabled.get(entry.section, []) and entry.name not in block
+        conflict = (entry.group, entry.name) in catalog.conflicts
         rows.append({"name": entry.name, "kind": entry.section, "distribution": entry.distribution,
-                     "version": entry.version, "enabled": on})
+                     "version": entry.version, "enabled": on, "conflict": conflict})
     for (group, name), claims in catalog.conflicts.items():
         dists = " and ".join(c.distribution for c in claims)
         click.echo(f"warning: {group} plugin {name!r} is claimed by {dists}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    _table(rows, ["name", "kind", "distribution", "version", "enabled"])
+    columns = ["name", "kind", "distribution", "version", "enabled"]
+    _table(rows, [*columns, "conflict"] if catalog.conflicts else columns)
 
 
 @plugins.command("info")
@@ -223,6 +249,8 @@ def plugins_info(state: CliState, name: str) -> None:
     if doc:
         click.echo(f"about:        {doc[0]}")
     click.echo(f"hooks:        {', '.join(hooks) or 'none'}")
+    click.echo(f"in profile:   {state.profile}: "
+               f"{'enabled' if _enabled_in(state, entry) else 'not enabled'}")
     click.echo(f"config:       [{entry.config_path}]")
     defaults = dict(spec.defaults) if spec else {}
     if not defaults:
@@ -235,11 +263,13 @@ def plugins_info(state: CliState, name: str) -> None:
 
 
 @cli.group()
+@global_options
 def profile() -> None:
     """List, show and validate profiles."""
 
 
 @profile.command("list")
+@global_options
 def profile_list() -> None:
     """The profiles shipped with Inferno."""
     rows = [{"name": name, "description": str(read_toml(path).get("description", ""))}
@@ -291,14 +321,22 @@ def _configured(state: CliState) -> Kernel:
 
 
 def _first_pass(state: CliState) -> Any:
+    """The profile's layers merged without loading any plugin (cheap, for listings)."""
     try:
-        files = profile_chain(state.profile)
-        if state.config_file:
-            from pathlib import Path
-            files.append(Path(state.config_file))
-        return load_settings(Layers(files=files, sets=state.sets), defaults={})
-    except (InfernoError, ConfigError) as exc:
+        return load_settings(state.layers(), defaults={})
+    except InfernoError as exc:
         _fail(str(exc))
+
+
+def _enabled_in(state: CliState, entry: PluginEntry) -> bool:
+    settings = _first_pass(state)
+    table = settings.data.get("plugins", {})
+    if entry.name in table.get("block", []):
+        return False
+    if entry.group == HOOK_PLUGIN_GROUP:
+        allow = table.get("allow", [])
+        return not allow or entry.name in allow
+    return entry.name in enabled_drivers(settings)[0].get(entry.section, [])
 
 
 def _at(tree: Any, path: str) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import tomli_w
 from dynaconf import Dynaconf, Validator
 from dynaconf.utils.parse_conf import parse_conf_data
 
@@ -67,11 +65,17 @@ def shipped_profiles() -> dict[str, Path]:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's contents, or an error that names the file and what is wrong with it."""
+    if path.is_dir():
+        raise ProfileNotFound(f"{path} is a directory, not a TOML file")
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except OSError as exc:
         raise ProfileNotFound(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem("<file>", f"not UTF-8 text: {exc.reason} at byte "
+                                                   f"{exc.start}", str(path))]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem("<file>", f"invalid TOML: {exc}", str(path))]) from exc
 
@@ -104,6 +108,9 @@ def profile_chain(ref: str) -> list[Path]:
                                              str(path))])
         chain.append(path)
         parent = read_toml(path).get("extends")
+        if parent is not None and not (isinstance(parent, str) and parent):
+            raise ConfigError([ConfigProblem(
+                "extends", f"must name one profile or profile file, got {parent!r}", str(path))])
         path = profile_path(parent, path.parent) if parent else None
     base = profiles_dir() / "base.toml"
     return [base, *(p for p in reversed(chain) if p != base)]
@@ -153,38 +160,36 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+", key):
-        raise ConfigError([ConfigProblem(key or assignment, "expected --set section.key=value",
-                                         f"--set {assignment}")])
-    return key.lower(), parse_conf_data(raw, tomlfy=True)
+        shown = (key.split() or ["?"])[0]  # never echo what follows: it may be a secret
+        raise ConfigError([ConfigProblem(shown, "expected --set section.key=value", "--set")])
+    try:
+        return key.lower(), _typed(raw, key.lower())
+    except ValueError as exc:
+        raise ConfigError([ConfigProblem(key.lower(), str(exc), f"--set {key.lower()}")]) from exc
 
 
 def load_settings(layers: Layers, defaults: Mapping[str, Any],
                   owners: Mapping[str, str] | None = None) -> Settings:
     """Merge every layer with dynaconf and record where each key came from.
 
-    Tables merge key by key; a list is replaced whole by the highest layer that
-    sets it (dynaconf alone would append, and a higher layer could never remove
-    an entry from ``[plugins] block``).
+    Inferno reads the files and the environment itself and hands each layer to
+    dynaconf in order: dynaconf's own loaders would also read ``NAME.local.toml``
+    beside each file and ``*_FOR_DYNACONF`` variables, which is discovery this
+    configuration must not do. Tables merge key by key; a list is replaced whole
+    by the highest layer that sets it (dynaconf alone would append, and a higher
+    layer could never remove an entry from ``[plugins] block``).
     """
-    init = {key.upper(): value for key, value in copy.deepcopy(dict(defaults)).items()}
-    with tempfile.TemporaryDirectory(prefix="inferno-config-") as scratch:
-        files = [str(path) for path in layers.files]
-        if layers.overrides:  # a profile given as a dict sits where a profile file would
-            dict_profile = Path(scratch) / "profile-dict.toml"
-            dict_profile.write_text(tomli_w.dumps(_plain(layers.overrides)))
-            files.append(str(dict_profile))
-        dyn = Dynaconf(envvar_prefix=ENV_PREFIX, environments=False, load_dotenv=False,
-                       merge_enabled=True, settings_files=files, **init)
-        for assignment in layers.sets:
-            key, value = parse_set(assignment)
-            dyn.set(key, value, loader_identifier=f"--set {key}", validate=False)
-        merged = _lower_keys(dyn.as_dict())
-    data = {
-        key: value for key, value in merged.items()
-        if key.upper() not in _DYNACONF_OPTIONS and key not in PROFILE_META_KEYS
-        and not (key.upper() in RESERVED_ENV and key not in KERNEL_SECTIONS)
-    }
-    winners = _winning_layers(_raw_layers(layers, defaults, owners or {}))
+    raw = _raw_layers(layers, defaults, owners or {})
+    dyn = Dynaconf(environments=False, load_dotenv=False, envvar_prefix=ENV_PREFIX,
+                   settings_files=[], includes=[], preload=[], core_loaders=[], loaders=[],
+                   merge_enabled=True)
+    for layer in raw:
+        if layer.tree:
+            dyn.update(copy.deepcopy(dict(layer.tree)), merge=True, validate=False,
+                       loader_identifier=layer.describe(""))
+    data = {key: value for key, value in _lower_keys(dyn.as_dict()).items()
+            if key.upper() not in _DYNACONF_OPTIONS}
+    winners = _winning_layers(raw)
     for path, layer in winners.items():
         value = _at(layer.tree, path)
         if isinstance(value, list):
@@ -195,8 +200,8 @@ def load_settings(layers: Layers, defaults: Mapping[str, Any],
 
 @dataclass(frozen=True)
 class _Layer:
-    """One layer as written, before merging; ``root`` is set for layers that replace a
-    whole value (an environment variable, a ``--set``)."""
+    """One layer as written, before merging; ``root`` is the one key an environment
+    variable or a ``--set`` gives (a table there merges, anything else replaces)."""
 
     tree: Mapping[str, Any]
     describe: Callable[[str], str]
@@ -205,6 +210,7 @@ class _Layer:
 
 def _raw_layers(layers: Layers, defaults: Mapping[str, Any],
                 owners: Mapping[str, str]) -> list[_Layer]:
+    """Every layer, lowest first, each value already parsed; raises every bad value at once."""
     def default_owner(path: str) -> str:
         owner = next((owners[s] for s in owners if path == s or path.startswith(s + ".")), "")
         return f"defaults of plugin {owner}" if owner else "defaults"
@@ -215,18 +221,56 @@ def _raw_layers(layers: Layers, defaults: Mapping[str, Any],
         raw.append(_Layer(_lower_keys(tree), _fixed(str(file))))
     if layers.overrides:
         raw.append(_Layer(_lower_keys(layers.overrides), _fixed("profile dict")))
+    problems: list[ConfigProblem] = []
     prefix = ENV_PREFIX + "_"
     for variable in sorted(os.environ):
         name = variable.removeprefix(prefix)
         if variable.startswith(prefix) and name.upper() not in RESERVED_ENV:
             path = ".".join(name.lower().split("__"))
-            value = parse_conf_data(os.environ[variable], tomlfy=True)
-            raw.append(_Layer(nest(path, _lower_keys(value)),
-                              _fixed(f"environment variable {variable}"), root=path))
+            source = f"environment variable {variable}"
+            try:
+                value = _typed(os.environ[variable], path)
+            except ValueError as exc:
+                problems.append(ConfigProblem(path, str(exc), source))
+                continue
+            raw.append(_Layer(nest(path, _lower_keys(value)), _fixed(source), root=path))
     for assignment in layers.sets:
-        key, value = parse_set(assignment)
+        try:
+            key, value = parse_set(assignment)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
         raw.append(_Layer(nest(key, _lower_keys(value)), _fixed(f"--set {key}"), root=key))
+    for layer in raw:
+        problems += _unparsable(layer)
+    if problems:
+        raise ConfigError(problems)
     return raw
+
+
+def _typed(text: str, path: str) -> Any:
+    """A value from the command line or the environment, read as TOML when it parses
+    (``9000`` is an int, ``[1, 2]`` a list) and as a string otherwise."""
+    try:
+        return parse_conf_data(text, tomlfy=True)
+    except Exception as exc:  # dynaconf's @int, @json ... converters raise their own types
+        shown = MASK if is_secret(path) else repr(text)
+        raise ValueError(f"cannot read {shown}: {type(exc).__name__}") from exc
+
+
+def _unparsable(layer: _Layer) -> list[ConfigProblem]:
+    """Strings dynaconf would interpret (``@int x``, ``@json {``) and cannot."""
+    problems = []
+    for path in _leaf_paths(layer.tree):
+        value = _at(layer.tree, path)
+        if isinstance(value, str) and value.startswith("@"):
+            try:
+                parse_conf_data(value, tomlfy=False)
+            except Exception as exc:
+                shown = MASK if is_secret(path) else repr(value)
+                problems.append(ConfigProblem(path, f"cannot read {shown}: {type(exc).__name__}",
+                                              layer.describe(path)))
+    return problems
 
 
 def _fixed(description: str) -> Callable[[str], str]:
@@ -236,7 +280,8 @@ def _fixed(description: str) -> Callable[[str], str]:
 def _winning_layers(raw: Sequence[_Layer]) -> dict[str, _Layer]:
     winners: dict[str, _Layer] = {}
     for layer in raw:
-        if layer.root:
+        if layer.root and not isinstance(_at(layer.tree, layer.root), Mapping):
+            # a scalar or a list replaces everything below it; a table merges
             winners = {k: v for k, v in winners.items()
                        if k != layer.root and not k.startswith(layer.root + ".")}
         for path in _leaf_paths(layer.tree):
@@ -255,14 +300,6 @@ def _put(tree: dict[str, Any], path: str, value: Any) -> None:
     for part in parents:
         tree = tree.setdefault(part, {})
     tree[last] = value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _lower_keys(value: Any) -> Any:

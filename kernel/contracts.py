@@ -32,7 +32,9 @@ class KernelHandle(TypingProtocol):
     def state(self) -> str: ...
 
     @property
-    def config(self) -> Mapping[str, Any]: ...
+    def config(self) -> Mapping[str, Any]:
+        """The whole configuration with secrets masked; a driver's own section, secrets
+        included, is ``context.config``."""
 
     @property
     def data_dir(self) -> Path: ...

@@ -76,13 +76,15 @@ def inferno_lifespan(kernel: KernelHandle) -> AbstractAsyncContextManager[None] 
 
 @hookspec
 def inferno_kernel_ready(kernel: KernelHandle) -> None:
-    """Called once every plugin started and the protocols accept requests."""
+    """Called once every plugin started and the protocols accept requests. Returns nothing;
+    an exception here fails the start, which then stops everything that started."""
 
 
 @hookspec
 def inferno_kernel_stopping(kernel: KernelHandle, reason: str) -> None:
     """Called when shutdown begins, before draining. ``reason`` says why
-    (``"signal SIGTERM"``, ``"start failed"``, ``"requested"``)."""
+    (``"signal SIGTERM"``, ``"start failed"``, ``"requested"``). Returns nothing; an
+    exception here is logged and does not stop the shutdown."""
 
 
 # --------------------------------------------------------------------------- resources

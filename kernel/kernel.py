@@ -49,6 +49,7 @@ class Kernel:
         self.log = get_logger("kernel")
         self._assembly: Assembly | None = None
         self._config: Mapping[str, Any] = freeze({})
+        self._shown: Mapping[str, Any] = freeze({})
         self._drivers: dict[str, dict[str, Driver]] = {}
         self._stack: AsyncExitStack | None = None
         self._inflight = 0
@@ -66,7 +67,9 @@ class Kernel:
         if config_file:
             user = Path(config_file).expanduser().resolve()
             if not user.is_file():
-                raise ConfigError([ConfigProblem("--config", f"file {user} does not exist")])
+                what = "is a directory" if user.is_dir() else "does not exist"
+                raise ConfigError([ConfigProblem("--config", f"{user} {what}; expected a "
+                                                             f"TOML file")])
             if "extends" in read_toml(user):
                 raise ConfigError([ConfigProblem(
                     "extends", "only a profile may extend another; use --profile for this file "
@@ -82,7 +85,9 @@ class Kernel:
 
     @property
     def config(self) -> Mapping[str, Any]:
-        return self._config
+        """The whole configuration, read-only, with every secret masked: a plugin sees the
+        secrets of its own section (``context.config``) and nobody else's."""
+        return self._shown
 
     @property
     def assembly(self) -> Assembly:
@@ -119,7 +124,7 @@ class Kernel:
 
     def masked_config(self) -> dict[str, Any]:
         """The whole configuration with every secret masked, for showing and logging."""
-        return masked(thaw(self._config), self.assembly.secret_paths())
+        return thaw(self._shown)  # type: ignore[no-any-return]
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
@@ -146,8 +151,10 @@ class Kernel:
         self._require(State.CREATED)
         self._assembly = assemble(self.layers, self._extra_plugins, self.log)
         self._config = freeze(self._assembly.settings.data)
+        self._shown = freeze(masked(self._assembly.settings.data,
+                                    self._assembly.secret_paths()))
         kernel_cfg = self._config["kernel"]
-        self.bus = EventBus(maxsize=int(kernel_cfg["event_queue_size"]), log=get_logger("bus"))
+        self.bus.maxsize = int(kernel_cfg["event_queue_size"])
         self._resources = ResourceManager(self._budgets(), evict=self._evict)
         problems = []
         for name in self._plugin_names():

@@ -69,8 +69,7 @@ class Catalog:
         if claims:
             who = " and ".join(f"{c.distribution} {c.version} ({c.value})" for c in claims)
             raise PluginConflict(
-                f"plugin name {name!r} in {group} is claimed by {who}; uninstall one of them "
-                f"or block it with [plugins] block")
+                f"plugin name {name!r} in {group} is claimed by {who}; uninstall one of them")
 
 
 def discover() -> Catalog:
@@ -139,6 +138,19 @@ def _trace(manager: pluggy.PluginManager, log: structlog.typing.FilteringBoundLo
                  ms=round(elapsed * 1000, 3), error=outcome.exception is not None)
 
     manager.add_hookcall_monitoring(before, after)
+
+
+def async_hooks(manager: pluggy.PluginManager) -> list[tuple[str, str]]:
+    """Every (plugin, hook name) implemented with ``async def``: pluggy would never await it."""
+    found = []
+    for name, plugin in manager.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        for caller in manager.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name == name and inspect.iscoroutinefunction(impl.function):
+                    found.append((name, caller.name))
+    return found
 
 
 def unknown_hooks(manager: pluggy.PluginManager) -> list[tuple[str, str]]:

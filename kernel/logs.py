@@ -53,6 +53,9 @@ def configure_logging(fmt: str = "console", level: str = "info",
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
+    # Per-plugin levels apply to Inferno's own lines (filtered above); a library's
+    # standard-library lines keep the default level even when a plugin is at debug.
+    handler.addFilter(lambda record: isinstance(record.msg, dict) or record.levelno >= default)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=shared,

@@ -39,6 +39,11 @@ def validate(settings: Settings, specs: Mapping[str, ConfigSpec],
             problems.append(_problem(settings, path, "must be a table"))
             continue
         allowed = (extra_keys or {}).get(path, frozenset())
+        for key in spec.defaults:
+            if key not in tree:  # only when a higher layer replaced the whole table
+                problems.append(ConfigProblem(
+                    f"{path}.{key}", f"is missing: [{path}] was replaced as a whole",
+                    settings.source(path)))
         if spec.strict:
             problems += _unknown_keys(settings, path, tree, spec.defaults, allowed)
         checked = {name.split(".")[0] for v in spec.validators for name in v.names}

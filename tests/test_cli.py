@@ -310,3 +310,84 @@ def test_an_unusable_data_directory_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert f"kernel.data_dir: cannot create {blocker}/data" in result.stderr
     assert "(from --set kernel.data_dir)" in result.stderr
+
+
+SECRET_EXPORTER = """
+from inferno.kernel import ConfigSpec, Exporter, hookimpl
+
+class Vault(Exporter):
+    @staticmethod
+    @hookimpl
+    def inferno_config_spec():
+        return ConfigSpec(defaults={"api_key": "", "region": "eu", "signing": ""},
+                          secrets=frozenset({"signing"}))
+"""
+
+
+def test_profile_show_masks_secrets_through_the_real_command(installed, tmp_path):
+    installed("inferno-vault", {"inferno.exporters": {"vault": "fixture_vault:Vault"}},
+              {"fixture_vault": SECRET_EXPORTER})
+    profile = tmp_path / "vault.toml"
+    profile.write_text('extends = "edge"\n[exporters.vault]\napi_key = "sk-live-abc"\n')
+    env = {"INFERNO_EXPORTERS__VAULT__SIGNING": "sign-me-123"}
+    for extra in ([], ["--sources"]):
+        result = run_inferno("profile", "show", str(profile), *extra, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "sk-live-abc" not in result.stdout + result.stderr
+        assert "sign-me-123" not in result.stdout + result.stderr
+        assert result.stdout.count("********") == 2
+        assert '"eu"' in result.stdout
+
+
+def test_traced_hooks_are_logged_from_the_command_line_too():
+    result = run_inferno("profile", "validate", "enterprise", env={"INFERNO_TRACE_HOOKS": "1"})
+    assert result.returncode == 0, result.stderr
+    hooks = {json.loads(line)["hook"] for line in result.stderr.splitlines()
+             if '"hook call"' in line}
+    assert {"inferno_add_hookspecs", "inferno_config_spec"} <= hooks
+
+
+def test_enterprise_logs_are_json_from_the_first_line(installed):
+    installed("inferno-flaky", {"inferno.plugins": {"flaky": "fixture_flaky"}},
+              {"fixture_flaky": "raise RuntimeError('flaky on import')\n"})
+    server = Server("--profile", "enterprise")
+    code, _ = server.signal_after('"event": "ready"')
+    assert code == 0
+    lines = [line for line in server.rest().splitlines() if line.strip()]
+    assert any("skipping plugin that failed to load" in line for line in lines)
+    for line in lines:
+        json.loads(line)  # every line, the early warning included, is a JSON object
+
+
+def test_global_options_are_accepted_on_every_group_and_command():
+    for command in (["profile", "list", "--profile", "enterprise"],
+                    ["plugins", "--profile", "enterprise", "list"],
+                    ["profile", "--set", "kernel.drain_timeout=2", "show"]):
+        result = run_inferno(*command)
+        assert result.returncode == 0, (command, result.stderr)
+    assert "drain_timeout = 2" in run_inferno("profile", "--set", "kernel.drain_timeout=2",
+                                              "show").stdout
+    wrong = run_inferno("plugins", "info", "log", "--profile", "nosuch")
+    assert wrong.returncode == 1
+    assert "no profile named 'nosuch'" in wrong.stderr
+
+
+def test_plugins_list_shows_every_claimant_of_a_conflicting_name(installed):
+    module = "from inferno.kernel import Exporter\nclass Twin(Exporter):\n    pass\n"
+    installed("inferno-one", {"inferno.exporters": {"twin": "fixture_t1:Twin"}},
+              {"fixture_t1": module})
+    installed("inferno-two", {"inferno.exporters": {"twin": "fixture_t2:Twin"}},
+              {"fixture_t2": module})
+    result = run_inferno("plugins", "list", "--json")
+    twins = [row for row in json.loads(result.stdout) if row["name"] == "twin"]
+    assert sorted(row["distribution"] for row in twins) == ["inferno-one", "inferno-two"]
+    assert all(row["conflict"] for row in twins)
+    assert "claimed by inferno-" in result.stderr
+
+
+def test_a_plugin_returning_something_that_is_not_a_command_is_ignored(installed):
+    installed("inferno-odd", {"inferno.plugins": {"odd": "fixture_odd"}},
+              {"fixture_odd": "def inferno_cli_commands():\n    return ['not a command']\n"})
+    result = run_inferno("--help")
+    assert result.returncode == 0
+    assert "not a click command; ignored" in result.stderr

@@ -134,7 +134,23 @@ def test_secrets_are_masked_when_shown(make_kernel):
     shown = kernel.masked_config()
     assert shown["exporters"]["greeter"]["api_key"] == "********"
     assert "sk-live-123" not in repr(shown)
-    assert kernel.config["exporters"]["greeter"]["api_key"] == "sk-live-123"
+    assert kernel.config["exporters"]["greeter"]["api_key"] == "********"
+
+
+def test_a_driver_sees_its_own_secrets_and_no_one_elses(make_kernel, run_kernel):
+    class Other(Exporter):
+        pass
+
+    kernel = make_kernel({"exporters": {"greeter": {"api_key": "sk-live-123"}, "other": {}}},
+                         plugins={"greeter": Greeter, "other": Other})
+
+    async def scenario(k):
+        drivers = k.drivers("exporters")
+        own = drivers["greeter"].config["api_key"]
+        seen_by_other = drivers["other"].context.kernel.config["exporters"]["greeter"]["api_key"]
+        return own, seen_by_other
+
+    assert run_kernel(kernel, scenario) == ("sk-live-123", "********")
 
 
 def test_masking_by_name_and_by_declaration():
@@ -220,3 +236,84 @@ def test_an_unknown_section_names_the_file_it_came_from(tmp_path):
     with pytest.raises(ConfigError) as caught:
         Kernel.from_profile(str(profile)).configure()
     assert caught.value.problems[0].source == str(profile)
+
+
+def test_files_beside_the_named_ones_and_dynaconf_variables_are_not_read(tmp_path, monkeypatch):
+    folder = tmp_path / "loc"
+    folder.mkdir()
+    profile = write(folder / "my.toml", 'extends = "edge"\n')
+    write(folder / "my.local.toml", '[logging]\nformat = "json"\n')
+    user = write(tmp_path / "user.toml", "[kernel]\nstop_timeout = 5.0\n")
+    write(tmp_path / "user.local.toml", "[kernel]\ndrain_timeout = 99.0\n")
+    included = write(tmp_path / "inc.toml", "[kernel]\nevent_queue_size = 7\n")
+    monkeypatch.setenv("INCLUDES_FOR_DYNACONF", str(included))
+    monkeypatch.setenv("SETTINGS_FILE_FOR_DYNACONF", str(included))
+    kernel = Kernel.from_profile(str(profile), config_file=user).configure()
+    assert kernel.config["logging"]["format"] == "console"
+    assert kernel.config["kernel"]["stop_timeout"] == 5.0
+    assert kernel.config["kernel"]["drain_timeout"] == 10.0
+    assert kernel.config["kernel"]["event_queue_size"] == 1000
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('extends = 5\n', "extends: must name one profile or profile file, got 5"),
+    ('extends = ["edge"]\n', "extends: must name one profile or profile file"),
+])
+def test_a_malformed_extends_is_a_clear_error(tmp_path, text, expected):
+    profile = write(tmp_path / "p.toml", text)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        profile_chain(str(profile))
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[kernel]")
+    with pytest.raises(ConfigError, match="not UTF-8 text") as caught:
+        profile_chain(str(binary))
+    assert caught.value.problems[0].source == str(binary)
+
+
+def test_values_dynaconf_cannot_convert_are_config_problems(monkeypatch):
+    monkeypatch.setenv("INFERNO_KERNEL__STOP_TIMEOUT", "@int soon")
+    with pytest.raises(ConfigError) as caught:
+        Kernel.from_profile("edge", sets=["kernel.drain_timeout=@json {x"]).configure()
+    problems = {p.key: p.source for p in caught.value.problems}
+    assert problems == {"kernel.stop_timeout": "environment variable INFERNO_KERNEL__STOP_TIMEOUT",
+                        "kernel.drain_timeout": "--set kernel.drain_timeout"}
+
+
+def test_a_secret_given_with_a_malformed_set_is_not_echoed():
+    with pytest.raises(ConfigError) as caught:
+        parse_set("exporters.greeter.api_key hunter2")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_table_from_the_environment_merges_into_the_section(monkeypatch):
+    monkeypatch.setenv("INFERNO_LOGGING", '{format = "json"}')
+    kernel = Kernel.from_profile("edge").configure()
+    assert kernel.config["logging"]["format"] == "json"
+    assert kernel.config["logging"]["level"] == "info"
+    sources = kernel.assembly.settings
+    assert sources.source("logging.format") == "environment variable INFERNO_LOGGING"
+    assert sources.source("logging.level").endswith("edge.toml")
+
+
+def test_replacing_a_whole_section_reports_the_missing_keys(monkeypatch):
+    monkeypatch.setenv("INFERNO_LOGGING", "5")
+    monkeypatch.setenv("INFERNO_LOGGING__FORMAT", "json")
+    with pytest.raises(ConfigError) as caught:
+        Kernel.from_profile("edge").configure()
+    keys = {p.key for p in caught.value.problems}
+    assert keys == {"logging.level", "logging.levels"}
+    assert all("[logging] was replaced as a whole" in p.message for p in caught.value.problems)
+
+
+def test_enabled_must_be_a_boolean(make_kernel):
+    with pytest.raises(ConfigError, match=r"exporters\.log\.enabled: must be true or false, "
+                                          r"got 'false'"):
+        make_kernel({"exporters": {"log": {"enabled": "false"}}})
+
+
+def test_config_file_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; expected a TOML file"):
+        Kernel.from_profile("edge", config_file=tmp_path)

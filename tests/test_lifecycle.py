@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import asynccontextmanager
 
 import pytest
@@ -141,19 +142,28 @@ async def test_stop_refuses_new_requests_and_waits_for_inflight_ones(make_kernel
     await task
 
 
-async def test_drain_gives_up_after_the_timeout(make_kernel):
-    kernel = make_kernel({"kernel": {"drain_timeout": 0.1}})
+async def test_drain_gives_up_after_the_timeout(make_kernel, capsys):
+    from inferno.kernel.logs import configure_logging
+    configure_logging("json", "info")
+    kernel = make_kernel({"kernel": {"drain_timeout": 0.2}})
     await kernel.start()
-    never = asyncio.Event()
+    never, entered = asyncio.Event(), asyncio.Event()
 
     async def stuck():
         async with kernel.admit():
+            entered.set()
             await never.wait()
 
     task = asyncio.create_task(stuck())
-    await asyncio.sleep(0)
-    await asyncio.wait_for(kernel.stop(), 2)
+    await entered.wait()
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(kernel.stop(), 5)
+    waited = asyncio.get_running_loop().time() - started
     assert kernel.state == "stopped"
+    assert 0.2 <= waited < 2  # it waited for the drain, then gave up
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert {"event": "drain timed out", "abandoned": 1}.items() <= \
+        next(e for e in logged if e["event"] == "drain timed out").items()
     task.cancel()
 
 

@@ -170,3 +170,33 @@ def test_one_name_in_two_kinds_is_refused_clearly(installed, make_kernel):
     assert problem.key == "exporters.log"
     assert "the name 'log' is already taken by another plugin" in problem.message
     assert "unique across kinds" in problem.message
+
+
+def test_a_hook_plugin_the_profile_configures_must_load(installed, make_kernel):
+    installed("inferno-ghost", {"inferno.plugins": {"ghost": "fixture_ghost"}},
+              {"fixture_ghost": "import no_such_dependency\n"})
+    with pytest.raises(ConfigError) as caught:
+        make_kernel({"plugins": {"ghost": {"port": 1}}})
+    (problem,) = caught.value.problems
+    assert problem.key == "plugins.ghost"
+    assert "no_such_dependency" in problem.message
+
+
+def test_async_hook_implementations_are_rejected(make_kernel):
+    class Eager:
+        @staticmethod
+        async def inferno_kernel_ready(kernel):
+            pass
+
+    with pytest.raises(ConfigError, match="inferno_kernel_ready is async; hooks are synchronous"):
+        make_kernel(plugins={"eager": Eager})
+
+
+def test_a_config_spec_of_the_wrong_type_is_reported(make_kernel):
+    class Sloppy:
+        @staticmethod
+        def inferno_config_spec():
+            return {"port": 1}
+
+    with pytest.raises(ConfigError, match="must return a ConfigSpec or None, got dict"):
+        make_kernel(plugins={"sloppy": Sloppy})

@@ -85,3 +85,10 @@ def test_standard_library_loggers_share_the_format(stream):
     (line,) = lines(stream)
     assert line["event"] == "from a library"
     assert line["level"] == "warning"
+
+
+def test_a_plugin_at_debug_does_not_turn_on_library_debug_lines(stream):
+    configure_logging("json", "info", levels={"http": "debug"}, stream=stream)
+    logging.getLogger("asyncio").debug("Using selector: EpollSelector")
+    get_logger("http").debug("wanted")
+    assert [line["event"] for line in lines(stream)] == ["wanted"]
