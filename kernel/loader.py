@@ -13,7 +13,7 @@ import importlib.metadata
 import inspect
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,30 +140,29 @@ def _trace(manager: pluggy.PluginManager, log: structlog.typing.FilteringBoundLo
     manager.add_hookcall_monitoring(before, after)
 
 
-def async_hooks(manager: pluggy.PluginManager) -> list[tuple[str, str]]:
-    """Every (plugin, hook name) implemented with ``async def``: pluggy would never await it."""
-    found = []
+def _implementations(manager: pluggy.PluginManager
+                     ) -> Iterator[tuple[str, pluggy.HookCaller, pluggy.HookImpl]]:
+    """Every (plugin name, hook, implementation) of the registered, unblocked plugins."""
     for name, plugin in manager.list_name_plugin():
         if plugin is None:  # blocked
             continue
         for caller in manager.get_hookcallers(plugin) or []:
             for impl in caller.get_hookimpls():
-                if impl.plugin_name == name and inspect.iscoroutinefunction(impl.function):
-                    found.append((name, caller.name))
-    return found
+                if impl.plugin_name == name:
+                    yield name, caller, impl
+
+
+def async_hooks(manager: pluggy.PluginManager) -> list[tuple[str, str]]:
+    """Every (plugin, hook name) implemented with ``async def``: pluggy would never await it."""
+    return [(name, caller.name) for name, caller, impl in _implementations(manager)
+            if inspect.iscoroutinefunction(impl.function)]
 
 
 def unknown_hooks(manager: pluggy.PluginManager) -> list[tuple[str, str]]:
     """Every (plugin, hook name) implemented without a spec: what ``check_pending()``
     raises for, all of them rather than the first."""
-    unknown = []
-    for name, plugin in manager.list_name_plugin():
-        if plugin is None:  # blocked
-            continue
-        for caller in manager.get_hookcallers(plugin) or []:
-            if not caller.has_spec():
-                unknown.append((name, caller.name))
-    return unknown
+    return [(name, caller.name) for name, caller, _ in _implementations(manager)
+            if not caller.has_spec()]
 
 
 def call_for(manager: pluggy.PluginManager, plugin_name: str, hook_name: str,

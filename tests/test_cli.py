@@ -53,6 +53,13 @@ def inferno_cli_commands():
 """
 
 
+def edge_profile(folder: Path, name: str, tables: str) -> Path:
+    """A profile file that extends edge with ``tables`` (TOML text)."""
+    path = folder / f"{name}.toml"
+    path.write_text(f'extends = "edge"\n{tables}')
+    return path
+
+
 class Server:
     """``inferno`` running in the background, its stderr read line by line."""
 
@@ -116,8 +123,7 @@ def test_sigint_also_stops_gracefully():
 def test_sigterm_drains_an_inflight_request_before_exiting(installed, tmp_path):
     installed("inferno-slow", {"inferno.protocols": {"slow": "fixture_slow:Slow"}},
               {"fixture_slow": SLOW_PROTOCOL})
-    profile = tmp_path / "slow.toml"
-    profile.write_text('extends = "edge"\n[protocols.slow]\n')
+    profile = edge_profile(tmp_path, "slow", '[protocols.slow]\n')
     server = Server("--profile", str(profile))
     code, took = server.signal_after("request admitted", signal.SIGTERM)
     assert code == 0
@@ -130,8 +136,7 @@ def test_a_profile_naming_a_plugin_that_cannot_load_exits_non_zero_naming_it(ins
                                                                               tmp_path):
     installed("inferno-broken", {"inferno.protocols": {"broken": "fixture_nope:Thing"}},
               {"fixture_nope": "import not_a_real_dependency\n"})
-    profile = tmp_path / "broken.toml"
-    profile.write_text('extends = "edge"\n[protocols.broken]\n')
+    profile = edge_profile(tmp_path, "broken", '[protocols.broken]\n')
     result = run_inferno("--profile", str(profile))
     assert result.returncode == 1
     assert "protocols.broken" in result.stderr
@@ -144,8 +149,7 @@ def test_a_plugin_that_fails_to_start_exits_non_zero_naming_it(installed, tmp_pa
                                "class Busy(Protocol):\n"
                                "    async def start(self): raise OSError('address in use')\n"
                                "    async def stop(self): pass\n"})
-    profile = tmp_path / "busy.toml"
-    profile.write_text('extends = "edge"\n[protocols.busy]\n')
+    profile = edge_profile(tmp_path, "busy", '[protocols.busy]\n')
     result = run_inferno("--profile", str(profile))
     assert result.returncode == 1
     assert "plugin 'busy': failed to start: OSError: address in use" in result.stderr
@@ -205,8 +209,7 @@ def test_environment_variable_overrides_profile_key_in_profile_show():
 
 
 def test_profile_show_masks_secrets(tmp_path):
-    profile = tmp_path / "secret.toml"
-    profile.write_text('extends = "edge"\n')
+    profile = edge_profile(tmp_path, "secret", '')
     result = run_inferno("profile", "show", str(profile),
                          env={"INFERNO_KERNEL__API_TOKEN": "tok-123"})
     assert result.returncode == 1  # api_token is no kernel key...
@@ -294,8 +297,7 @@ def test_sigterm_while_a_plugin_is_still_starting_stops_what_started(installed, 
     installed("inferno-stuck", {"inferno.backends": {"engine": "fixture_stuck:Engine"},
                                 "inferno.protocols": {"stuck": "fixture_stuck:Stuck"}},
               {"fixture_stuck": HANGING})
-    profile = tmp_path / "stuck.toml"
-    profile.write_text('extends = "edge"\n[backends.engine]\n[protocols.stuck]\n')
+    profile = edge_profile(tmp_path, "stuck", '[backends.engine]\n[protocols.stuck]\n')
     server = Server("--profile", str(profile))
     code, took = server.signal_after("binding forever", signal.SIGTERM)
     assert code == 0
@@ -327,8 +329,7 @@ class Vault(Exporter):
 def test_profile_show_masks_secrets_through_the_real_command(installed, tmp_path):
     installed("inferno-vault", {"inferno.exporters": {"vault": "fixture_vault:Vault"}},
               {"fixture_vault": SECRET_EXPORTER})
-    profile = tmp_path / "vault.toml"
-    profile.write_text('extends = "edge"\n[exporters.vault]\napi_key = "sk-live-abc"\n')
+    profile = edge_profile(tmp_path, "vault", '[exporters.vault]\napi_key = "sk-live-abc"\n')
     env = {"INFERNO_EXPORTERS__VAULT__SIGNING": "sign-me-123"}
     for extra in ([], ["--sources"]):
         result = run_inferno("profile", "show", str(profile), *extra, env=env)
