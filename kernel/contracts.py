@@ -54,6 +54,12 @@ class KernelHandle(TypingProtocol):
 
     def admit(self) -> AbstractAsyncContextManager[None]: ...
 
+    def provide(self, name: str, service: object) -> None:
+        """Offer ``service`` to other plugins under ``name`` (for example ``models``)."""
+
+    def service(self, name: str) -> Any:
+        """What a plugin offered under ``name``; ``LookupError`` naming those offered if none."""
+
 
 @dataclass(frozen=True)
 class DriverContext:
@@ -105,6 +111,8 @@ class ModelSpec:
     path: Path
     format: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: What the model manager read from the file (architecture, context length ...).
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,11 @@ class Backend(Driver):
     @abc.abstractmethod
     async def load(self, spec: ModelSpec) -> LoadedModel:
         """Load ``spec`` or raise an error that names the model and the reason."""
+
+    def estimate_memory(self, spec: ModelSpec) -> int:
+        """Bytes of memory loading ``spec`` will take; the file's size unless a backend knows
+        better (a KV cache, for example)."""
+        return spec.path.stat().st_size
 
 
 # --------------------------------------------------------------------------- protocols

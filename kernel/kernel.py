@@ -57,6 +57,7 @@ class Kernel:
         self._accepting = False
         self.bus = EventBus(log=get_logger("bus"))
         self._resources: ResourceManager | None = None
+        self._services: dict[str, object] = {}
 
     @classmethod
     def from_profile(cls, profile: str = "edge", *, config_file: str | Path | None = None,
@@ -121,6 +122,20 @@ class Kernel:
 
     def drivers(self, kind: str) -> Mapping[str, Driver]:
         return dict(self._drivers.get(kind, {}))
+
+    def provide(self, name: str, service: object) -> None:
+        """Offer ``service`` to other plugins under ``name`` until the kernel stops."""
+        if name in self._services and self._services[name] is not service:
+            raise LifecycleError(f"a service named {name!r} is already provided")
+        self._services[name] = service
+
+    def service(self, name: str) -> Any:
+        """What a plugin offered under ``name``."""
+        try:
+            return self._services[name]
+        except KeyError:
+            offered = ", ".join(sorted(self._services)) or "none"
+            raise LookupError(f"no service named {name!r} (offered: {offered})") from None
 
     def masked_config(self) -> dict[str, Any]:
         """The whole configuration with every secret masked, for showing and logging."""
@@ -323,6 +338,7 @@ class Kernel:
             except Exception as exc:
                 self.log.error("error while stopping", error=f"{type(exc).__name__}: {exc}")
             self._stack = None
+        self._services.clear()
         self._set_state(State.STOPPED)
         await self.bus.close(timeout)
         self.log.info("stopped")

@@ -1,0 +1,216 @@
+"""The ``gguf`` backend: GGUF models through llama-cpp-python.
+
+Enabled with ``[backends.gguf]``; its keys are the load options every GGUF
+model gets, and a model entry's ``options`` override them for that model.
+Loading happens in a worker thread, one at a time, with llama.cpp's own log
+captured so a refused file is reported with llama.cpp's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import llama_cpp
+from dynaconf import Validator
+
+from inferno.kernel import Backend, ConfigSpec, ModelSpec, hookimpl
+from inferno.plugins.models.errors import ModelError
+
+from . import hardware
+from .gguf_model import GgufModel
+
+KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16,
+            "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+POOLING = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS,
+           "last": llama_cpp.LLAMA_POOLING_TYPE_LAST}
+
+DEFAULTS: dict[str, Any] = {
+    # Tokens of context per model; 0 means the model's trained length. Capped at that length.
+    "context_size": 4096,
+    # Decode threads; 0 means one per physical core.
+    "threads": 0,
+    # Prompt-processing threads; 0 means the same as threads.
+    "threads_batch": 0,
+    "batch_size": 512,
+    "ubatch_size": 512,
+    # "auto" (every layer when this llama.cpp build can offload, else none), "all", or a number.
+    "gpu_layers": "auto",
+    "main_gpu": 0,
+    # Share of the model per GPU, for example [0.5, 0.5]; empty means llama.cpp decides.
+    "tensor_split": [],
+    "flash_attention": False,
+    "mmap": True,
+    "mlock": False,
+    # KV cache element type: f32, f16, q8_0 or q4_0.
+    "kv_cache_type": "f16",
+    # Full-size sliding-window cache: needed to reuse a prompt prefix on SWA models (Gemma 3).
+    "swa_full": False,
+    # Seed of requests that give none; -1 means a fresh random seed per request.
+    "seed": -1,
+    # Embedding pooling: "" means what the model declares, else mean; or mean, cls, last.
+    "pooling": "",
+}
+
+
+def _gpu_layers(value: Any) -> bool:
+    return value in ("auto", "all") or (isinstance(value, int) and not isinstance(value, bool)
+                                        and value >= 0)
+
+
+VALIDATORS = [
+    Validator("context_size", "threads", "threads_batch", gte=0),
+    Validator("batch_size", "ubatch_size", gte=1),
+    Validator("gpu_layers", condition=_gpu_layers,
+              messages={"condition": "gpu_layers must be 'auto', 'all' or a number of layers "
+                                     "≥ 0, got {value!r}"}),
+    Validator("kv_cache_type", is_in=sorted(KV_TYPES)),
+    Validator("pooling", is_in=["", *sorted(POOLING)]),
+]
+
+
+class LlamaLog:
+    """llama.cpp's log, routed to Inferno's logger; keeps the lines of the current load."""
+
+    def __init__(self) -> None:
+        self.lines: deque[str] = deque(maxlen=400)
+        self.lock = threading.Lock()  # llama.cpp has one process-wide log callback
+        self._callback = llama_cpp.llama_log_callback(self._receive)
+
+    def install(self) -> None:
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _receive(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        self.lines.append(text.decode("utf-8", errors="replace"))
+
+    def reason(self) -> str:
+        """The last error lines llama.cpp wrote, joined."""
+        errors = [line.strip() for line in self.lines
+                  if any(w in line.lower() for w in ("error", "failed", "unknown", "invalid"))]
+        return "; ".join(dict.fromkeys(errors)) or "llama.cpp gave no reason"
+
+    def offloaded(self) -> tuple[int, int] | None:
+        """``(offloaded, total)`` layers from the load's ``offloaded N/M layers`` line."""
+        for line in reversed(self.lines):
+            if "offloaded" in line and "layers to GPU" in line:
+                done, _, total = line.split("offloaded", 1)[1].split("layers")[0].partition("/")
+                return int(done), int(total)
+        return None
+
+
+_LOG = LlamaLog()
+
+
+class GgufBackend(Backend):
+    """Loads GGUF files with llama-cpp-python."""
+
+    formats = frozenset({"gguf"})
+
+    @staticmethod
+    @hookimpl
+    def inferno_config_spec() -> ConfigSpec:
+        return ConfigSpec(defaults=DEFAULTS, validators=VALIDATORS)
+
+    async def start(self) -> None:
+        _LOG.install()
+        self.log.debug("llama.cpp ready", gpu_offload=llama_cpp.llama_supports_gpu_offload(),
+                       physical_cores=hardware.physical_cores())
+
+    def options(self, spec: ModelSpec) -> dict[str, Any]:
+        """The driver's defaults with the model entry's overrides."""
+        unknown = sorted(set(spec.options) - set(DEFAULTS) - GgufModel.ENTRY_OPTIONS)
+        if unknown:
+            raise ModelError(spec.name, f"unknown gguf option {unknown[0]!r} "
+                                        f"(known: {', '.join(sorted(DEFAULTS))})")
+        return {**self.config, **spec.options}
+
+    def estimate_memory(self, spec: ModelSpec) -> int:
+        """Weights (the file) plus the KV cache for the configured context."""
+        options = self.options(spec)
+        meta = spec.metadata
+        layers = int(meta.get("block_count") or 0)
+        heads = int(meta.get("head_count") or 1)
+        kv_heads = int(meta.get("head_count_kv") or heads)
+        width = int(meta.get("embedding_length") or 0)
+        context = context_size(options, meta)
+        kv_width = width * kv_heads // max(heads, 1)
+        kv_bytes = 2 * layers * context * kv_width * KV_BYTES[options["kv_cache_type"]]
+        return spec.path.stat().st_size + int(kv_bytes)
+
+    async def load(self, spec: ModelSpec) -> GgufModel:
+        options = self.options(spec)
+        started = time.perf_counter()
+        llama, offloaded = await asyncio.to_thread(self._open, spec, options, embedding=False)
+        info = {
+            "load_seconds": round(time.perf_counter() - started, 3),
+            "gpu_layers_offloaded": offloaded[0] if offloaded else 0,
+            "layers": offloaded[1] if offloaded else spec.metadata.get("block_count"),
+        }
+        self.log.debug("loaded", model=spec.name, **info)
+        return GgufModel(self, spec, options, llama, info)
+
+    def open_embedder(self, spec: ModelSpec, options: Mapping[str, Any]) -> llama_cpp.Llama:
+        """A second context on the same (memory-mapped) weights, computing embeddings."""
+        llama, _ = self._open(spec, options, embedding=True)
+        return llama
+
+    def _open(self, spec: ModelSpec, options: Mapping[str, Any], *, embedding: bool
+              ) -> tuple[llama_cpp.Llama, tuple[int, int] | None]:
+        context = context_size(options, spec.metadata)
+        kwargs: dict[str, Any] = {
+            "model_path": str(spec.path), "n_ctx": context, "verbose": False,
+            "n_threads": hardware.threads(int(options["threads"])),
+            "n_threads_batch": hardware.threads(int(options["threads_batch"]
+                                                    or options["threads"])),
+            "n_batch": int(options["batch_size"]), "n_ubatch": int(options["ubatch_size"]),
+            "n_gpu_layers": gpu_layers(options["gpu_layers"]),
+            "main_gpu": int(options["main_gpu"]),
+            "tensor_split": list(options["tensor_split"]) or None,
+            "flash_attn": bool(options["flash_attention"]),
+            "use_mmap": bool(options["mmap"]), "use_mlock": bool(options["mlock"]),
+            "type_k": KV_TYPES[options["kv_cache_type"]],
+            "type_v": KV_TYPES[options["kv_cache_type"]],
+            "swa_full": bool(options["swa_full"]),
+        }
+        if int(options["seed"]) >= 0:
+            kwargs["seed"] = int(options["seed"])
+        if embedding:
+            kwargs.update(embedding=True, n_batch=context, n_ubatch=context,
+                          pooling_type=pooling(options, spec.metadata))
+        with _LOG.lock:
+            _LOG.lines.clear()
+            try:
+                llama = llama_cpp.Llama(**kwargs)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise ModelError(spec.name, f"llama.cpp could not load {spec.path}: "
+                                            f"{_LOG.reason()} ({exc})") from None
+            return llama, _LOG.offloaded()
+
+
+def context_size(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int:
+    trained = int(metadata.get("context_length") or 0)
+    wanted = int(options["context_size"]) or trained or 4096
+    return min(wanted, trained) if trained else wanted
+
+
+def gpu_layers(value: Any) -> int:
+    if value == "all":
+        return -1
+    if value == "auto":
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    return int(value)
+
+
+def pooling(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int:
+    if options["pooling"]:
+        return POOLING[options["pooling"]]
+    declared = metadata.get("pooling_type")
+    if isinstance(declared, int) and declared in POOLING.values():
+        return declared
+    return llama_cpp.LLAMA_POOLING_TYPE_MEAN

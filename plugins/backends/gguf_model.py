@@ -1,0 +1,280 @@
+"""A loaded GGUF model: generation, chat, embeddings and tokens.
+
+A llama.cpp context is not thread-safe, so requests to one model take turns
+(one lock per model). Each generation runs in a worker thread that hands text
+pieces to the event loop as they are decoded and checks, before every decode
+step, whether the request was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+
+from inferno.kernel import Chunk, GenerationRequest, LoadedModel, ModelSpec
+from inferno.plugins.models.errors import ModelError, RequestError
+
+from . import chat_templates
+from .sampling import Sampling, parse_sampling
+from .streaming import TextStream
+
+if TYPE_CHECKING:
+    from .gguf import GgufBackend
+
+_DONE = object()
+
+
+@dataclass
+class _Run:
+    """One generation's shared state between the worker thread and the event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    completion_tokens: int = 0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+    finish_reason: str = "length"
+    error: BaseException | None = None
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class GgufModel(LoadedModel):
+    """One GGUF file loaded in llama.cpp."""
+
+    #: Keys of a model entry's options that are not load options.
+    ENTRY_OPTIONS = frozenset({"chat_template", "system_prompt", "parameters"})
+
+    def __init__(self, backend: GgufBackend, spec: ModelSpec, options: Mapping[str, Any],
+                 llama: llama_cpp.Llama, load_info: Mapping[str, Any]) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.options = options
+        self.llama = llama
+        self.name = spec.name
+        self._lock = asyncio.Lock()
+        self._embed_lock = asyncio.Lock()
+        self._embedder: llama_cpp.Llama | None = None
+        meta = llama.metadata
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self.bos_text = self._piece(llama.token_bos())
+        self.eos_text = self._piece(llama.token_eos())
+        self._template: Any = None
+        self._template_source = ""
+        try:
+            self._template_source, source = chat_templates.choose(
+                self.name, meta, str(options.get("chat_template") or ""))
+            self._template = chat_templates.compile_template(self.name, source)
+        except ModelError as exc:
+            self._template_error: ModelError | None = exc
+        else:
+            self._template_error = None
+        self._info = {
+            "name": self.name, "format": "gguf", "backend": backend.name,
+            "path": str(spec.path), "architecture": meta.get("general.architecture"),
+            "context_size": llama.n_ctx(), "trained_context": llama._model.n_ctx_train(),
+            "embedding_length": llama.n_embd(), "vocab_size": llama.n_vocab(),
+            "threads": llama.context_params.n_threads,
+            "device": "gpu" if load_info.get("gpu_layers_offloaded") else "cpu",
+            "chat_template": self._template_source or None,
+            "memory_bytes": backend.estimate_memory(spec), **load_info,
+        }
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        return self._info
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = True) -> list[int]:
+        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos and self.add_bos,
+                                        special=special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def _piece(self, token: int) -> str:
+        return self.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ generation
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as tokens: chat messages through the chat template."""
+        if request.messages is not None:
+            if self._template_error is not None:
+                raise self._template_error
+            text = chat_templates.render(
+                self.name, self._template, request.messages, bos_token=self.bos_text,
+                eos_token=self.eos_text, system_prompt=str(self.options.get("system_prompt", "")))
+            tokens = self.tokenize(text, special=True, add_bos=False)
+            if self.add_bos and (not tokens or tokens[0] != self.llama.token_bos()):
+                tokens.insert(0, self.llama.token_bos())
+            return tokens
+        if not isinstance(request.prompt, str):
+            raise RequestError(self.name, "a request needs a prompt (a string) or messages")
+        return self.tokenize(request.prompt)
+
+    def check_request(self, request: GenerationRequest) -> tuple[list[int], Sampling, int]:
+        """Validate before any work: the prompt, the sampling values and the context room."""
+        sampling = parse_sampling(self.name, request.params,
+                                  self.options.get("parameters") or {})
+        tokens = self.prompt_tokens(request)
+        context = self.llama.n_ctx()
+        room = context - len(tokens)
+        wanted = sampling.max_tokens if sampling.max_tokens is not None else room
+        if len(tokens) + wanted > context or room < 1:
+            raise RequestError(self.name, f"prompt of {len(tokens)} tokens plus max_tokens "
+                                          f"{wanted} is {len(tokens) + wanted}, more than the "
+                                          f"context size of {context} tokens")
+        return tokens, sampling, wanted
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        tokens, sampling, max_tokens = self.check_request(request)
+        grammar = self._grammar(sampling)
+        queued = time.perf_counter()
+        async with self._lock:
+            started = time.perf_counter()
+            run = _Run(asyncio.get_running_loop(), asyncio.Queue())
+            worker = asyncio.ensure_future(asyncio.to_thread(
+                self._decode, run, tokens, sampling, max_tokens, grammar))
+            try:
+                while (item := await run.queue.get()) is not _DONE:
+                    yield Chunk(text=item[0], tokens=item[1])
+            finally:
+                run.cancel.set()  # the consumer left early: stop at the next decode step
+                await asyncio.shield(worker)
+        if run.error is not None:
+            raise run.error
+        yield Chunk(text="", finish_reason=run.finish_reason,
+                    usage=self._usage(run, len(tokens), queued, started))
+
+    def _decode(self, run: _Run, tokens: list[int], sampling: Sampling, max_tokens: int,
+                grammar: LlamaGrammar | None) -> None:
+        llama = self.llama
+        vocab = llama._model.vocab
+        stream = TextStream(sampling.stop)
+        llama.set_seed(sampling.seed if sampling.seed is not None else self._seed())
+        held = 0  # tokens whose text is held back (a possible stop string, a partial character)
+        try:
+            for token in llama.generate(
+                    tokens, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                    temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
+                    presence_penalty=sampling.presence_penalty,
+                    frequency_penalty=sampling.frequency_penalty, grammar=grammar,
+                    logits_processor=_bias(sampling.logit_bias)):
+                if not run.first_token_at:
+                    run.first_token_at = time.perf_counter()
+                if run.cancel.is_set():
+                    run.finish_reason = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    run.finish_reason = "stop"
+                    break
+                run.completion_tokens += 1
+                held += 1
+                text = stream.feed(llama.detokenize([token]))
+                if text:
+                    run.put((text, held))
+                    held = 0
+                if stream.stopped:
+                    run.finish_reason = "stop"
+                    break
+                if run.completion_tokens >= max_tokens:
+                    break
+            rest = stream.flush()
+            if rest or held:
+                run.put((rest, held))
+        except BaseException as exc:  # handed to the event loop and raised there
+            run.error = exc if isinstance(exc, ModelError) else ModelError(
+                self.name, f"generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            run.finished_at = time.perf_counter()
+            run.put(_DONE)
+
+    def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
+        if sampling.response_format == "json":
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        if sampling.response_format == "json_schema":
+            try:
+                rules = json_schema_to_gbnf(json.dumps(sampling.schema))
+            except Exception as exc:
+                raise RequestError(self.name, f"invalid JSON Schema: {type(exc).__name__}: "
+                                              f"{exc}") from None
+            return LlamaGrammar.from_string(rules, verbose=False)
+        return None
+
+    def _seed(self) -> int:
+        configured = int(self.options["seed"])
+        return configured if configured >= 0 else int.from_bytes(np.random.bytes(4), "little")
+
+    def _usage(self, run: _Run, prompt_tokens: int, queued: float, started: float
+               ) -> dict[str, Any]:
+        first = run.first_token_at or run.finished_at
+        decode_seconds = max(run.finished_at - first, 0.0)
+        decoded = max(run.completion_tokens - 1, 0)
+        return {
+            "prompt_tokens": prompt_tokens, "completion_tokens": run.completion_tokens,
+            "total_tokens": prompt_tokens + run.completion_tokens,
+            "queue_seconds": round(started - queued, 6),
+            "time_to_first_token": round(first - started, 6),
+            "prompt_tokens_per_second": round(prompt_tokens / max(first - started, 1e-9), 2),
+            "decode_seconds": round(decode_seconds, 6),
+            "decode_tokens_per_second": round(decoded / decode_seconds, 2)
+            if decode_seconds > 0 else None,
+        }
+
+    # ------------------------------------------------------------------ embeddings
+
+    async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
+        if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
+            raise RequestError(self.name, "embedding inputs must be a list of strings")
+        if not inputs:
+            return []
+        async with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = await asyncio.to_thread(self.backend.open_embedder, self.spec,
+                                                         self.options)
+            embedder = self._embedder
+            limit = embedder.n_ctx()
+            for index, text in enumerate(inputs):
+                count = len(embedder.tokenize(text.encode("utf-8")))
+                if count > limit:
+                    raise RequestError(self.name, f"input {index} has {count} tokens, more than "
+                                                  f"the context size of {limit}")
+            vectors = await asyncio.to_thread(embedder.embed, list(inputs), normalize=True,
+                                              truncate=False)
+        return [list(map(float, vector)) for vector in vectors]  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        async with self._lock, self._embed_lock:
+            self.llama.close()
+            if self._embedder is not None:
+                self._embedder.close()
+
+
+def _bias(bias: Mapping[int, float]) -> llama_cpp.LogitsProcessorList | None:
+    if not bias:
+        return None
+    ids = np.fromiter(bias.keys(), dtype=np.int64)
+    amounts = np.fromiter(bias.values(), dtype=np.float32)
+
+    def apply(_tokens: Any, scores: Any) -> Any:
+        valid = ids < scores.shape[-1]
+        scores[ids[valid]] += amounts[valid]
+        return scores
+
+    return llama_cpp.LogitsProcessorList([apply])
