@@ -210,7 +210,7 @@ def gpu_layers(value: Any) -> int:
 def pooling(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int:
     if options["pooling"]:
         return POOLING[options["pooling"]]
-    declared = metadata.get("pooling_type")
-    if isinstance(declared, int) and declared in POOLING.values():
-        return declared
+    declared = metadata.get("pooling_type")  # the model manager reads it as a name
+    if declared in POOLING:
+        return POOLING[declared]
     return llama_cpp.LLAMA_POOLING_TYPE_MEAN
