@@ -188,8 +188,11 @@ class Kernel:
                        plugins=self._plugin_names())
         return self
 
-    async def start(self) -> None:
-        """Start every driver in order; on failure stop what started and raise ``PluginError``."""
+    async def start(self, *, protocols: bool = True) -> None:
+        """Start every driver in order; on failure stop what started and raise ``PluginError``.
+
+        ``protocols=False`` starts everything but the protocols: a command that runs one
+        model in-process must not open the ports a running server holds."""
         if self._state is State.CREATED:
             self.configure()
         self._require(State.CONFIGURED)
@@ -214,6 +217,8 @@ class Kernel:
                         if context is not None:
                             await self._stack.enter_async_context(context)
                     self._accepting = True
+                    if not protocols:
+                        break
                 for name, cls in self.assembly.drivers.get(kind.section, {}).items():
                     current = name
                     await self._start_driver(kind.section, name, cls)
@@ -252,9 +257,9 @@ class Kernel:
         await self._unwind()
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[Kernel]:
+    async def running(self, *, protocols: bool = True) -> AsyncIterator[Kernel]:
         """``async with kernel.running():`` starts the kernel and always stops it."""
-        await self.start()
+        await self.start(protocols=protocols)
         try:
             yield self
         finally:

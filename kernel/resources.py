@@ -81,7 +81,13 @@ class ResourceManager:
         self._capacity = dict(budgets)
         self._reservations: dict[str, list[Reservation]] = {name: [] for name in budgets}
         self._lock = threading.RLock()
-        self._evict = evict
+        self._evictors: list[Callable[[EvictionRequest], int]] = [evict] if evict else []
+
+    def add_evictor(self, evict: Callable[[EvictionRequest], int]) -> Callable[[], None]:
+        """Also ask ``evict`` to free room (a plugin's per-kernel object, such as the model
+        manager); returns the function that removes it again."""
+        self._evictors.append(evict)
+        return lambda: self._evictors.remove(evict) if evict in self._evictors else None
 
     def add_budget(self, resource: str, capacity: int) -> None:
         """Declare a resource found at run time (a backend adds ``gpu:0`` and ``gpu:0:memory``)."""
@@ -139,7 +145,12 @@ class ResourceManager:
         while self._capacity[resource] - self.used(resource) < amount:
             missing = amount - (self._capacity[resource] - self.used(resource))
             before = self.used(resource)
-            freed = self._evict(EvictionRequest(resource, missing, owner)) if self._evict else 0
+            request = EvictionRequest(resource, missing, owner)
+            freed = 0
+            for evict in list(self._evictors):
+                freed += evict(request)
+                if self._capacity[resource] - self.used(resource) >= amount:
+                    break
             if freed <= 0 or self.used(resource) >= before:  # nothing was really released
                 raise ResourceExhausted(
                     f"{owner} needs {amount} {resource} but only "
