@@ -14,8 +14,12 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import gguf
 
 # A llama (SentencePiece) vocabulary: the three special tokens, the 256 byte-fallback tokens
 # that let llama.cpp spell any text, then a few word pieces.
@@ -47,14 +51,16 @@ def tiny_vocabulary(vocab_size: int) -> tuple[list[str], list[float], list[int]]
 def write_tiny_gguf(path: Path, *, arch: str = "llama", vocab_size: int = 320, n_embd: int = 256,
                     n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 256,
                     context_length: int = 512, chat_template: str | None = None,
-                    file_type: str = "F32", seed: int = 0) -> Path:
+                    file_type: str = "F32", pooling_type: str | None = None,
+                    seed: int = 0) -> Path:
     """Write a tiny llama-architecture GGUF model that llama.cpp loads and generates from.
 
     ``n_embd`` and ``n_ff`` default to 256 so that every weight row is a whole K-quant block
     (llama.cpp's Q4_K_M needs rows that are multiples of 256). ``file_type`` is "F32" or "F16":
     the matrices are written in that type, the norms always in F32, as llama.cpp's converter does.
-    With the defaults the file is about 4 MB. ``arch`` other than "llama" writes the same tensors
-    under that architecture's keys, which llama.cpp refuses for an unknown name.
+    ``pooling_type`` ("mean", "cls", "last") declares how an embedding model pools. With the
+    defaults the file is about 4 MB. ``arch`` other than "llama" writes the same tensors under
+    that architecture's keys, which llama.cpp refuses for an unknown name.
     """
     import gguf
 
@@ -74,7 +80,6 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", vocab_size: int = 320, n
     def norm() -> np.ndarray:
         return np.ones(n_embd, dtype=np.float32)
 
-    tokens, scores, token_types = tiny_vocabulary(vocab_size)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_file_type(int(llama_file_type))
@@ -86,15 +91,11 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", vocab_size: int = 320, n
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_head_kv)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(token_types)
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    _add_llama_tokenizer(writer, vocab_size)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if pooling_type is not None:
+        writer.add_pooling_type(gguf.PoolingType[pooling_type.upper()])
 
     writer.add_tensor("token_embd.weight", matrix(vocab_size, n_embd))
     for block in range(n_layer):
@@ -116,6 +117,17 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", vocab_size: int = 320, n
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_llama_tokenizer(writer: gguf.GGUFWriter, vocab_size: int) -> None:
+    tokens, scores, token_types = tiny_vocabulary(vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(token_types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
 
 
 def tiny_gguf_parameters(*, vocab_size: int = 320, n_embd: int = 256, n_layer: int = 2,

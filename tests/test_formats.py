@@ -259,6 +259,11 @@ def test_gguf_chat_template_is_reported(tmp_path: Path) -> None:
     assert metadata["chat_template"] == template
 
 
+def test_gguf_pooling_type_is_reported_by_name(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "embed.gguf", pooling_type="mean", n_layer=1)
+    assert describe(path).metadata["pooling_type"] == "mean"
+
+
 def test_gguf_f16_file_type(tmp_path: Path) -> None:
     path = write_tiny_gguf(tmp_path / "f16.gguf", file_type="F16", n_layer=1)
     metadata = describe(path).metadata
