@@ -77,9 +77,9 @@ def inferno_lifespan(kernel: KernelHandle) -> AbstractAsyncContextManager[None]:
 
 @hookimpl
 def inferno_cli_commands() -> Sequence[click.Command]:
-    from .cli import COMMANDS
+    from . import cli, cli_tools
 
-    return COMMANDS
+    return [*cli.COMMANDS, *cli_tools.COMMANDS]
 
 
 def manifest_path(kernel: KernelHandle, config: Mapping[str, Any]) -> Path:
