@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from inferno.plugins.models.errors import ModelError, RequestError
 
@@ -70,8 +70,27 @@ BY_ARCHITECTURE: Mapping[str, str] = {
 }
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 
-_ENV = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False,
-                                     undefined=jinja2.StrictUndefined)
+
+
+class _TemplateRefusal(jinja2.TemplateError):
+    """A template's own ``raise_exception``: it refuses these messages."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Renders as Hugging Face and llama.cpp do (trimmed blocks, lenient undefined names), but
+    an attempt to reach Python internals fails at once instead of rendering as empty text."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} "
+                            f"object is not allowed in a chat template")
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRefusal(message)
+
+
+_ENV = _Sandbox(trim_blocks=True, lstrip_blocks=True)
+_ENV.globals["raise_exception"] = _raise_exception
 
 
 def choose(model: str, metadata: Mapping[str, Any], configured: str = "") -> tuple[str, str]:
@@ -111,6 +130,8 @@ def render(model: str, template: jinja2.Template, messages: Sequence[Mapping[str
     try:
         return template.render(messages=checked, add_generation_prompt=True,
                                bos_token=bos_token, eos_token=eos_token)
+    except _TemplateRefusal as exc:
+        raise RequestError(model, f"the chat template refuses these messages: {exc}") from None
     except jinja2.TemplateError as exc:
         raise ModelError(model, f"chat template failed: {exc}") from None
 
