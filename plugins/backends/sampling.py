@@ -112,7 +112,9 @@ def _logit_bias(model: str, value: Any) -> dict[int, float]:
         try:
             token_id = int(token)
         except (TypeError, ValueError):
-            raise RequestError(model, f"logit_bias key {token!r} is not a token id") from None
+            token_id = -1
+        if token_id < 0 or isinstance(token, bool | float):
+            raise RequestError(model, f"logit_bias key {token!r} is not a token id")
         bias[token_id] = _number(model, f"logit_bias[{token_id}]", amount, -100.0, 100.0,
                                  inclusive=True)
     return bias
@@ -136,4 +138,64 @@ def _format(model: str, kind: Any, schema: Any) -> dict[str, Any]:
             raise RequestError(model, f"schema is not valid JSON: {exc}") from None
     if not isinstance(schema, Mapping) or not schema:
         raise RequestError(model, "response_format 'json_schema' needs a schema: a JSON object")
+    if problem := schema_problem(schema):
+        raise RequestError(model, f"invalid JSON Schema: {problem}")
     return {"response_format": "json_schema", "schema": dict(schema)}
+
+
+_SCHEMA_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+#: Keywords whose value is an object of named subschemas, a list of them, or one of them.
+_NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("additionalProperties", "not", "contains", "propertyNames")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def schema_problem(schema: Any, where: str = "schema") -> str | None:
+    """The first structural mistake in a JSON Schema, with its path; ``None`` if there is none.
+
+    llama.cpp's grammar converter accepts some nonsense silently (a ``required`` that is not a
+    list, say) and fails on the rest with Python internals; this says what is wrong instead.
+    """
+    if isinstance(schema, bool):
+        return None
+    if not isinstance(schema, Mapping):
+        return f"{where} must be an object (or true/false), got {schema!r}"
+    kinds = schema.get("type", [])
+    for kind in kinds if isinstance(kinds, list) else [kinds]:
+        if kind not in _SCHEMA_TYPES:
+            return f"{where}.type must be one of {', '.join(_SCHEMA_TYPES)}, got {kind!r}"
+    for key in _NAMED_SUBSCHEMAS:
+        named = schema.get(key, {})
+        if not isinstance(named, Mapping):
+            return f"{where}.{key} must be an object of named schemas, got {named!r}"
+        for name, sub in named.items():
+            if problem := schema_problem(sub, f"{where}.{key}.{name}"):
+                return problem
+    for key in (*_SUBSCHEMA_LISTS, "items"):
+        subs = schema.get(key, [True])
+        if key == "items" and not isinstance(subs, list):
+            subs = [subs]  # one schema for every item, or a list of them, one per position
+        if not isinstance(subs, list) or not subs:
+            return f"{where}.{key} must be a non-empty list of schemas, got {subs!r}"
+        for index, sub in enumerate(subs):
+            if problem := schema_problem(sub, f"{where}.{key}[{index}]"):
+                return problem
+    for key in _SUBSCHEMAS:
+        if problem := schema_problem(schema.get(key, True), f"{where}.{key}"):
+            return problem
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return f"{where}.required must be a list of property names, got {required!r}"
+    properties = schema.get("properties")
+    undefined = [name for name in required if properties is not None and name not in properties]
+    if undefined:
+        return f"{where}.required names {undefined[0]!r}, which {where}.properties does not define"
+    for key in _COUNTS:
+        count = schema.get(key, 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            return f"{where}.{key} must be an integer ≥ 0, got {count!r}"
+    enum = schema.get("enum", [None])
+    if not isinstance(enum, list) or not enum:
+        return f"{where}.enum must be a non-empty list, got {enum!r}"
+    return None
