@@ -341,6 +341,12 @@ def test_bad_model_options_are_all_named_at_once(with_model, adder):
     assert "option execution_mode must be one of sequential, parallel, got 'fast'" in message
 
 
+def test_what_a_model_entry_says_about_generation_is_ignored(with_model, adder):
+    info = with_model(adder, info_of, options={"system_prompt": "Be brief.", "parameters": {
+        "temperature": 0.2}, "chat_template": "{{ messages }}", "batch_size": 3})
+    assert info["batch_size"] == 3
+
+
 def test_bad_profile_values_stop_configuration(make_kernel):
     with pytest.raises(ConfigError) as caught:
         make_kernel({"backends": {"onnx": {"graph_optimization_level": "max",

@@ -76,6 +76,11 @@ CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = MappingProxyType({
 })
 
 
+#: What the model manager passes every backend from a model's entry; about generation, which
+#: ONNX models do not do, so accepted and unused.
+ENTRY_KEYS = frozenset({"chat_template", "system_prompt", "parameters"})
+
+
 def validators() -> list[Validator]:
     """The checks as dynaconf validators, for the driver's ``ConfigSpec``."""
     return [Validator(key, condition=check, messages={"condition": f"{{name}} {words}, "
@@ -104,6 +109,7 @@ def resolve_options(model: str, config: Mapping[str, Any],
                     options: Mapping[str, Any]) -> OnnxOptions:
     """``config`` with ``options`` over it, or a ``ModelError`` naming every bad option."""
     problems = []
+    options = {key: value for key, value in options.items() if key not in ENTRY_KEYS}
     for key in options:
         if key not in DEFAULTS:
             close = difflib.get_close_matches(key, list(DEFAULTS), n=1)
