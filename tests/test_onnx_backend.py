@@ -251,7 +251,7 @@ def test_a_missing_tokenizer_names_the_model_and_where_it_looked(with_model, min
     with pytest.raises(ModelFileError) as caught:
         with_model(minilm_onnx, info_of, name="minilm")
     message = str(caught.value)
-    assert message.startswith("minilm: needs a tokenizer")
+    assert message.startswith("minilm: needs a tokenizer and none was found: looked for ")
     assert str(minilm_onnx.parent / "tokenizer.json") in message
     assert "`tokenizer` option" in message
 

@@ -32,8 +32,8 @@ DEFAULT_MAX_LENGTH = 512
 def detect_model_type(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> str:
     """``text-encoder``, ``classifier`` or ``generic``, from the graph's names and ranks."""
     by_name = {tensor.name: tensor for tensor in inputs}
-    if set(by_name) - TEXT_INPUTS or len(by_name.get("input_ids", TensorInfo("", (), "")
-                                                      ).shape) != 2:
+    ids = by_name.get("input_ids")
+    if ids is None or len(ids.shape) != 2 or set(by_name) - TEXT_INPUTS:
         return "generic"
     logits = next((tensor for tensor in outputs if tensor.name == "logits"), None)
     if logits is not None and len(logits.shape) == 2:
@@ -63,10 +63,11 @@ def find_tokenizer(model: str, path: Path, option: str) -> Path:
     wanted = path.parent / option if option else path.parent
     candidate = wanted / "tokenizer.json" if wanted.is_dir() else wanted
     if not candidate.is_file():
-        where = "the `tokenizer` option points to" if option else "beside the model:"
-        raise ModelFileError(model, f"needs a tokenizer and there is none: no {candidate} "
-                                    f"({where} that path); set the model's `tokenizer` option "
-                                    f"to its tokenizer.json")
+        looked = (f"the `tokenizer` option points to {candidate}, which does not exist"
+                  if option else f"looked for {candidate}, beside the model")
+        raise ModelFileError(model, f"needs a tokenizer and none was found: {looked}; set the "
+                                    f"model's `tokenizer` option to its tokenizer.json (or "
+                                    f"the folder holding it)")
     return candidate
 
 
@@ -208,7 +209,7 @@ class TextEncoder(TextModel):
 
 class TextClassifier(TextModel):
     """Sequence classification: each text's labels with their probabilities, most likely
-    first. Labels come from ``config.json``'s ``id2label`` beside the model."""
+    first. Labels come from ``config.json``'s ``id2label`` beside the model or its tokenizer."""
 
     model_type = "classifier"
 
