@@ -163,7 +163,9 @@ def test_plugins_list_shows_builtins_with_distribution_and_enabled_state():
     assert rows["log"]["distribution"] == "inferno"
     assert rows["log"]["enabled"] is True
     disabled = run_inferno("plugins", "list", "--set", "exporters.log.enabled=false")
-    assert [line.split() for line in disabled.stdout.splitlines()][1][-1] == "false"
+    table = {line.split()[0]: line.split() for line in disabled.stdout.splitlines()}
+    assert table["log"][-1] == "false"
+    assert table["gguf"][-1] == "true"
 
 
 def test_plugins_info_shows_hooks_and_config_keys():

@@ -76,7 +76,13 @@ def test_plain_install_in_a_fresh_venv_lists_builtins_and_the_template(wheel, tm
     listing = run(bin_dir / "inferno", "plugins", "list", cwd=tmp_path, env=env).stdout
     assert "log" in listing
     assert "eventfile" not in listing
-    run(bin_dir / "inferno", "profile", "validate", "enterprise", cwd=tmp_path, env=env)
+    # The shipped profiles serve models, so they ask for the backends' extras by name.
+    refused = subprocess.run([bin_dir / "inferno", "profile", "validate", "edge"], cwd=tmp_path,
+                             env={**os.environ, **env}, capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode == 1
+    assert "backends.gguf" in refused.stderr
+    assert "pip install 'inferno[gguf]'" in refused.stderr
 
     run(bin_dir / "pip", "install", "-q", REPO / "contrib" / "plugin-template", cwd=tmp_path)
     rows = json.loads(run(bin_dir / "inferno", "plugins", "list", "--json", cwd=tmp_path,
@@ -86,7 +92,7 @@ def test_plain_install_in_a_fresh_venv_lists_builtins_and_the_template(wheel, tm
     assert template["distribution"] == "inferno-plugin-eventfile"
     assert template["enabled"] is False  # installed, but no profile names it yet
     profile = tmp_path / "events.toml"
-    profile.write_text('extends = "edge"\n[exporters.eventfile]\npath = "ev.jsonl"\n'
+    profile.write_text('extends = "base"\n[exporters.eventfile]\npath = "ev.jsonl"\n'
                        'topics = ["kernel.state"]\n')
     enabled = run(bin_dir / "inferno", "--profile", profile, "plugins", "list", "--json",
                   cwd=tmp_path, env=env).stdout
@@ -127,7 +133,7 @@ def test_editable_install_maps_the_folders_into_the_namespace(tmp_path):
     assert not imports["bare_kernel"]
     assert not imports["bare_plugins"]
     env = {"INFERNO_KERNEL__DATA_DIR": str(tmp_path / "data")}
-    run(bin_dir / "inferno", "profile", "validate", "edge", cwd=tmp_path, env=env)
+    run(bin_dir / "inferno", "profile", "validate", "base", cwd=tmp_path, env=env)
     assert "log" in run(bin_dir / "inferno", "plugins", "list", cwd=tmp_path, env=env).stdout
 
 

@@ -6,6 +6,13 @@ from pathlib import Path
 
 from inferno.kernel.errors import InfernoError
 
+REDOWNLOAD = "download or copy it again"
+
+
+def truncated(what: str, size: int) -> str:
+    """The reason for a file that ends before its header says it should."""
+    return f"truncated: {what} but the file ends at byte {size}; {REDOWNLOAD}"
+
 
 class ModelError(InfernoError):
     """Something is wrong with a model: ``subject`` is its name or its file."""
