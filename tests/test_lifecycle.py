@@ -288,3 +288,31 @@ async def test_subscribers_see_events_published_just_before_shutdown(make_kernel
     async with kernel.running():
         pass
     assert seen == ["running", "stopping"]
+
+
+async def test_a_command_can_start_everything_but_the_protocols(make_kernel):
+    journal: list[str] = []
+    kernel = make_kernel(
+        {"protocols": {"front": {}}, "backends": {"engine": {}}},
+        plugins={"front": recorder(journal, Protocol), "engine": recorder(journal, Backend)})
+    async with kernel.running(protocols=False):
+        assert journal == ["start engine"]
+        assert kernel.state == State.RUNNING
+        async with kernel.admit():  # in-process work is still admitted
+            pass
+    assert journal == ["start engine", "stop engine"]
+
+
+async def test_services_are_offered_by_name_until_the_kernel_stops(make_kernel):
+    kernel = make_kernel()
+    registry = object()
+    async with kernel.running():
+        kernel.provide("jobs", registry)
+        kernel.provide("jobs", registry)  # offering the same object again is harmless
+        assert kernel.service("jobs") is registry
+        with pytest.raises(LifecycleError, match="'jobs' is already provided"):
+            kernel.provide("jobs", object())
+        with pytest.raises(LookupError, match=r"no service named 'cache' \(offered: jobs, mod"):
+            kernel.service("cache")
+    with pytest.raises(LookupError, match="offered: none"):
+        kernel.service("jobs")

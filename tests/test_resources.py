@@ -117,3 +117,23 @@ def test_an_evictor_that_claims_to_free_but_does_not_cannot_hang_the_reservation
     with pytest.raises(ResourceExhausted, match="nothing could be evicted"):
         manager.reserve("memory", 20, owner="model:b")
     assert len(calls) == 1
+
+
+def test_added_evictors_are_asked_after_the_hook_and_can_be_removed():
+    asked: list[str] = []
+    manager = ResourceManager({"memory": 1000}, evict=lambda r: asked.append("hook") or 0)
+    held = manager.reserve("memory", 800, owner="model:a")
+
+    def models(request: EvictionRequest) -> int:
+        asked.append(f"models for {request.owner}")
+        held.release()
+        return held.amount
+
+    remove = manager.add_evictor(models)
+    manager.reserve("memory", 500, owner="cache")
+    assert asked == ["hook", "models for cache"]
+    remove()
+    manager.reserve("memory", 500, owner="other")  # fits without eviction
+    with pytest.raises(ResourceExhausted, match="nothing could be evicted"):
+        manager.reserve("memory", 100, owner="late")
+    assert asked == ["hook", "models for cache", "hook"]
