@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from dynaconf import Validator
 
 from inferno.kernel import Backend, ConfigSpec, ModelSpec, hookimpl
 from inferno.plugins.models.errors import ModelError
+from inferno.plugins.models.formats import describe
 
 from . import hardware
 from .gguf_model import GgufModel
@@ -52,11 +54,22 @@ DEFAULTS: dict[str, Any] = {
     "kv_cache_type": "f16",
     # Full-size sliding-window cache: needed to reuse a prompt prefix on SWA models (Gemma 3).
     "swa_full": False,
+    # Reuse the KV cache of the prefix a request shares with the one before: faster multi-turn
+    # chat, but llama.cpp's logits for a prompt evaluated in pieces differ slightly from one
+    # evaluated whole, so greedy output could change with the requests that came before. Off,
+    # every prompt is evaluated from scratch and the same request gives the same answer.
+    "prompt_cache": False,
     # Seed of requests that give none; -1 means a fresh random seed per request.
     "seed": -1,
     # Embedding pooling: "" means what the model declares, else mean; or mean, cls, last.
     "pooling": "",
 }
+
+
+#: Smallest value of each integer option.
+MINIMUM = {"context_size": 0, "threads": 0, "threads_batch": 0, "batch_size": 1,
+           "ubatch_size": 1, "main_gpu": 0, "seed": -1}
+CHOICES = {"kv_cache_type": frozenset(KV_TYPES), "pooling": frozenset({"", *POOLING})}
 
 
 def _gpu_layers(value: Any) -> bool:
@@ -65,14 +78,31 @@ def _gpu_layers(value: Any) -> bool:
 
 
 VALIDATORS = [
-    Validator("context_size", "threads", "threads_batch", gte=0),
-    Validator("batch_size", "ubatch_size", gte=1),
+    *(Validator(key, gte=low) for key, low in MINIMUM.items()),
     Validator("gpu_layers", condition=_gpu_layers,
               messages={"condition": "gpu_layers must be 'auto', 'all' or a number of layers "
                                      "≥ 0, got {value!r}"}),
-    Validator("kv_cache_type", is_in=sorted(KV_TYPES)),
-    Validator("pooling", is_in=["", *sorted(POOLING)]),
+    *(Validator(key, is_in=sorted(choices)) for key, choices in CHOICES.items()),
 ]
+
+
+def option_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a model entry's load option, checked as the config's validators do."""
+    default = DEFAULTS[key]
+    if key == "gpu_layers":
+        ok = _gpu_layers(value)
+    elif key in CHOICES:
+        ok = value in CHOICES[key]
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= MINIMUM[key]
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value)
+    else:
+        ok = True
+    return None if ok else f"option {key} = {value!r} is invalid (default {default!r})"
 
 
 class LlamaLog:
@@ -91,8 +121,9 @@ class LlamaLog:
 
     def reason(self) -> str:
         """The last error lines llama.cpp wrote, joined."""
+        # Only the failure lines: a key such as "unknown_token_id" in the metadata dump is no reason
         errors = [line.strip() for line in self.lines
-                  if any(w in line.lower() for w in ("error", "failed", "unknown", "invalid"))]
+                  if any(w in line.lower() for w in ("error", "failed", "invalid", "requires"))]
         return "; ".join(dict.fromkeys(errors)) or "llama.cpp gave no reason"
 
     def offloaded(self) -> tuple[int, int] | None:
@@ -123,17 +154,26 @@ class GgufBackend(Backend):
                        physical_cores=hardware.physical_cores())
 
     def options(self, spec: ModelSpec) -> dict[str, Any]:
-        """The driver's defaults with the model entry's overrides."""
-        unknown = sorted(set(spec.options) - set(DEFAULTS) - GgufModel.ENTRY_OPTIONS)
+        """The driver's defaults with the model entry's overrides, checked."""
+        known = set(DEFAULTS) | GgufModel.ENTRY_OPTIONS
+        unknown = sorted(set(spec.options) - known)
         if unknown:
             raise ModelError(spec.name, f"unknown gguf option {unknown[0]!r} "
-                                        f"(known: {', '.join(sorted(DEFAULTS))})")
-        return {**self.config, **spec.options}
+                                        f"(known: {', '.join(sorted(known))})")
+        for key in sorted(set(spec.options) & set(DEFAULTS)):
+            if problem := option_problem(key, spec.options[key]):
+                raise ModelError(spec.name, problem)
+        options = {**self.config, **spec.options}
+        if KV_BYTES[options["kv_cache_type"]] < 2 and not options["flash_attention"]:
+            raise ModelError(spec.name, f"kv_cache_type {options['kv_cache_type']!r} needs "
+                                        f"flash_attention = true: llama.cpp quantises the KV "
+                                        f"cache only with flash attention")
+        return options
 
     def estimate_memory(self, spec: ModelSpec) -> int:
         """Weights (the file) plus the KV cache for the configured context."""
         options = self.options(spec)
-        meta = spec.metadata
+        meta = file_metadata(spec)
         layers = int(meta.get("block_count") or 0)
         heads = int(meta.get("head_count") or 1)
         kv_heads = int(meta.get("head_count_kv") or heads)
@@ -146,11 +186,12 @@ class GgufBackend(Backend):
     async def load(self, spec: ModelSpec) -> GgufModel:
         options = self.options(spec)
         started = time.perf_counter()
+        spec = dataclasses.replace(spec, metadata=await asyncio.to_thread(file_metadata, spec))
         llama, offloaded = await asyncio.to_thread(self._open, spec, options, embedding=False)
         info = {
             "load_seconds": round(time.perf_counter() - started, 3),
             "gpu_layers_offloaded": offloaded[0] if offloaded else 0,
-            "layers": offloaded[1] if offloaded else spec.metadata.get("block_count"),
+            "layers": llama_cpp.llama_model_n_layer(llama.model),
         }
         self.log.debug("loaded", model=spec.name, **info)
         return GgufModel(self, spec, options, llama, info)
@@ -191,6 +232,20 @@ class GgufBackend(Backend):
                 raise ModelError(spec.name, f"llama.cpp could not load {spec.path}: "
                                             f"{_LOG.reason()} ({exc})") from None
             return llama, _LOG.offloaded()
+
+
+def file_metadata(spec: ModelSpec) -> Mapping[str, Any]:
+    """What the model manager read from the file's header, read here if it gave none.
+
+    The context length is what caps the context size. A file the header reader refuses is
+    left to llama.cpp, whose own reason the load error then carries.
+    """
+    if "context_length" in spec.metadata:
+        return spec.metadata
+    try:
+        return {**describe(spec.path).metadata, **spec.metadata}
+    except ModelError:
+        return spec.metadata
 
 
 def context_size(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int:
