@@ -66,6 +66,9 @@ class GgufModel(LoadedModel):
         self._lock = asyncio.Lock()
         self._embed_lock = asyncio.Lock()
         self._embedder: llama_cpp.Llama | None = None
+        #: Tokens decoded over the model's life: shows that a cancelled generation stopped.
+        self.decoded_tokens = 0
+        self._closed = False
         meta = llama.metadata
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self.bos_text = self._piece(llama.token_bos())
@@ -95,13 +98,25 @@ class GgufModel(LoadedModel):
     def info(self) -> Mapping[str, Any]:
         return self._info
 
+    @property
+    def busy(self) -> bool:
+        """Whether a generation holds the llama.cpp context now."""
+        return self._lock.locked()
+
     # ------------------------------------------------------------------ tokens
 
+    def _check_open(self) -> None:
+        # llama.cpp's freed context would crash the process, not raise
+        if self._closed:
+            raise ModelError(self.name, "the model was closed (unloaded); load it again")
+
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = True) -> list[int]:
+        self._check_open()
         return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos and self.add_bos,
                                         special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        self._check_open()
         return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
     def count_tokens(self, text: str) -> int:
@@ -133,6 +148,11 @@ class GgufModel(LoadedModel):
         sampling = parse_sampling(self.name, request.params,
                                   self.options.get("parameters") or {})
         tokens = self.prompt_tokens(request)
+        vocab = self.llama.n_vocab()
+        for token in sampling.logit_bias:
+            if token >= vocab:
+                raise RequestError(self.name, f"logit_bias token {token} is not in this model's "
+                                              f"vocabulary of {vocab} tokens")
         context = self.llama.n_ctx()
         room = context - len(tokens)
         wanted = sampling.max_tokens if sampling.max_tokens is not None else room
@@ -147,6 +167,7 @@ class GgufModel(LoadedModel):
         grammar = self._grammar(sampling)
         queued = time.perf_counter()
         async with self._lock:
+            self._check_open()  # closed while this request waited for its turn
             started = time.perf_counter()
             run = _Run(asyncio.get_running_loop(), asyncio.Queue())
             worker = asyncio.ensure_future(asyncio.to_thread(
@@ -156,7 +177,7 @@ class GgufModel(LoadedModel):
                     yield Chunk(text=item[0], tokens=item[1])
             finally:
                 run.cancel.set()  # the consumer left early: stop at the next decode step
-                await asyncio.shield(worker)
+                await _join(worker)
         if run.error is not None:
             raise run.error
         yield Chunk(text="", finish_reason=run.finish_reason,
@@ -168,6 +189,8 @@ class GgufModel(LoadedModel):
         vocab = llama._model.vocab
         stream = TextStream(sampling.stop)
         llama.set_seed(sampling.seed if sampling.seed is not None else self._seed())
+        if not self.options["prompt_cache"]:
+            llama.reset()  # forget the previous prompt: no prefix of it is reused
         held = 0  # tokens whose text is held back (a possible stop string, a partial character)
         try:
             for token in llama.generate(
@@ -176,6 +199,7 @@ class GgufModel(LoadedModel):
                     presence_penalty=sampling.presence_penalty,
                     frequency_penalty=sampling.frequency_penalty, grammar=grammar,
                     logits_processor=_bias(sampling.logit_bias)):
+                self.decoded_tokens += 1
                 if not run.first_token_at:
                     run.first_token_at = time.perf_counter()
                 if run.cancel.is_set():
@@ -209,12 +233,13 @@ class GgufModel(LoadedModel):
         if sampling.response_format == "json":
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         if sampling.response_format == "json_schema":
+            # The schema's structure is checked already; what is left is what the converter
+            # does not support (a $ref it cannot resolve, an unusual pattern).
             try:
-                rules = json_schema_to_gbnf(json.dumps(sampling.schema))
+                return LlamaGrammar.from_string(json_schema_to_gbnf(json.dumps(sampling.schema)),
+                                                verbose=False)
             except Exception as exc:
-                raise RequestError(self.name, f"invalid JSON Schema: {type(exc).__name__}: "
-                                              f"{exc}") from None
-            return LlamaGrammar.from_string(rules, verbose=False)
+                raise RequestError(self.name, f"JSON Schema not supported: {exc}") from None
         return None
 
     def _seed(self) -> int:
@@ -245,6 +270,7 @@ class GgufModel(LoadedModel):
         if not inputs:
             return []
         async with self._embed_lock:
+            self._check_open()
             if self._embedder is None:
                 self._embedder = await asyncio.to_thread(self.backend.open_embedder, self.spec,
                                                          self.options)
@@ -255,15 +281,37 @@ class GgufModel(LoadedModel):
                 if count > limit:
                     raise RequestError(self.name, f"input {index} has {count} tokens, more than "
                                                   f"the context size of {limit}")
-            vectors = await asyncio.to_thread(embedder.embed, list(inputs), normalize=True,
-                                              truncate=False)
-        return [list(map(float, vector)) for vector in vectors]  # type: ignore[arg-type]
+            return await asyncio.to_thread(self._embed_each, embedder, list(inputs))
+
+    @staticmethod
+    def _embed_each(embedder: llama_cpp.Llama, inputs: list[str]) -> list[list[float]]:
+        # One input per decode: in a shared batch llama.cpp's vectors drift by about 1e-3
+        # with their neighbours, so a text's vector would depend on the rest of the request.
+        return [[float(value) for value in embedder.embed([text], normalize=True,
+                                                          truncate=False)[0]]
+                for text in inputs]
 
     async def close(self) -> None:
         async with self._lock, self._embed_lock:
+            if self._closed:
+                return
+            self._closed = True
             self.llama.close()
             if self._embedder is not None:
                 self._embedder.close()
+
+
+async def _join(worker: asyncio.Future[None]) -> None:
+    """Wait for the worker thread even through a second cancellation: the lock must not be
+    released while the thread still uses the llama.cpp context."""
+    cancelled = False
+    while not worker.done():
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _bias(bias: Mapping[int, float]) -> llama_cpp.LogitsProcessorList | None:
@@ -271,9 +319,10 @@ def _bias(bias: Mapping[int, float]) -> llama_cpp.LogitsProcessorList | None:
         return None
     ids = np.fromiter(bias.keys(), dtype=np.int64)
     amounts = np.fromiter(bias.values(), dtype=np.float32)
+    amounts[amounts <= -100] = -np.inf  # -100 bans the token, as in OpenAI's API
 
     def apply(_tokens: Any, scores: Any) -> Any:
-        valid = ids < scores.shape[-1]
+        valid = ids < scores.shape[-1]  # the ids are checked; this keeps a C callback safe
         scores[ids[valid]] += amounts[valid]
         return scores
 
