@@ -1,8 +1,8 @@
 """The gguf backend with real models: Gemma 3 270M and tiny generated GGUF files.
 
 Gemma is loaded once for the module (about half a second) in a kernel configured as a profile
-would; tests that need other load options build their own kernel with ``make_kernel`` and load
-a tiny generated model, which takes milliseconds.
+would; its tests are marked slow. Tests that need other load options build their own kernel
+with ``make_kernel`` and load a tiny generated model, which takes milliseconds.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from inferno.plugins.models.errors import ModelError, RequestError
 
 from .model_files import truncate, write_garbage, write_tiny_gguf, write_wrong_magic
 
-pytestmark = pytest.mark.slow
-on_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+def on_gemma(test: Callable[..., Any]) -> Callable[..., Any]:
+    """A test of Gemma: slow (a real model) and run on the module's loop, where Gemma lives."""
+    return pytest.mark.slow(pytest.mark.asyncio(loop_scope="module")(test))
+
 
 PROFILE = {"backends": {"gguf": {"context_size": 2048}}}
 FRANCE = "The capital of France is"
@@ -360,7 +363,7 @@ def test_a_template_reaching_for_python_internals_fails_the_chat_not_the_model(
 # --------------------------------------------------------------------------- Gemma: completion
 
 
-@on_module_loop
+@on_gemma
 async def test_info_describes_the_loaded_model(gemma: GgufModel) -> None:
     info = gemma.info
     assert info["architecture"] == "gemma3"
@@ -371,7 +374,7 @@ async def test_info_describes_the_loaded_model(gemma: GgufModel) -> None:
     assert 0 < info["load_seconds"] < 30
 
 
-@on_module_loop
+@on_gemma
 async def test_greedy_completion_continues_the_prompt(gemma: GgufModel) -> None:
     text, chunks = await complete(gemma, FRANCE, temperature=0,
                                   max_tokens=FRANCE_GREEDY_TOKENS)
@@ -379,7 +382,7 @@ async def test_greedy_completion_continues_the_prompt(gemma: GgufModel) -> None:
     assert chunks[-1].finish_reason == "length"
 
 
-@on_module_loop
+@on_gemma
 async def test_usage_counts_real_tokens_and_times_the_generation(gemma: GgufModel) -> None:
     _, chunks = await complete(gemma, FRANCE, temperature=0, max_tokens=10)
     usage = chunks[-1].usage or {}
@@ -390,7 +393,7 @@ async def test_usage_counts_real_tokens_and_times_the_generation(gemma: GgufMode
     assert usage["decode_tokens_per_second"] > 0
 
 
-@on_module_loop
+@on_gemma
 async def test_temperature_zero_is_deterministic_whatever_came_before(gemma: GgufModel) -> None:
     prompt = "Once upon a time"
     first = await greedy(gemma, prompt, 10)
@@ -399,7 +402,7 @@ async def test_temperature_zero_is_deterministic_whatever_came_before(gemma: Ggu
     assert first == again == await greedy(gemma, prompt, 10)
 
 
-@on_module_loop
+@on_gemma
 async def test_a_seed_makes_sampling_at_temperature_one_repeatable(gemma: GgufModel) -> None:
     async def sample(seed: int) -> str:
         text, _ = await complete(gemma, "Once upon a time", temperature=1.0, seed=seed,
@@ -410,7 +413,7 @@ async def test_a_seed_makes_sampling_at_temperature_one_repeatable(gemma: GgufMo
     assert len({await sample(seed) for seed in (1, 2, 3)}) > 1
 
 
-@on_module_loop
+@on_gemma
 async def test_penalties_reach_the_sampler(gemma: GgufModel) -> None:
     plain = await greedy(gemma, FRANCE, 16)
     for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
@@ -419,21 +422,21 @@ async def test_penalties_reach_the_sampler(gemma: GgufModel) -> None:
         assert text != plain, penalty
 
 
-@on_module_loop
+@on_gemma
 async def test_top_k_top_p_and_min_p_are_accepted(gemma: GgufModel) -> None:
     _, chunks = await complete(gemma, FRANCE, temperature=0.7, top_k=5, top_p=0.9, min_p=0.1,
                                seed=3, max_tokens=4)
     assert chunks[-1].finish_reason == "length"
 
 
-@on_module_loop
+@on_gemma
 async def test_a_stop_string_ends_the_text_before_it(gemma: GgufModel) -> None:
     text, chunks = await complete(gemma, FRANCE, temperature=0, max_tokens=20, stop=["France."])
     assert text == " the capital of the country of "
     assert chunks[-1].finish_reason == "stop"
 
 
-@on_module_loop
+@on_gemma
 async def test_a_stop_string_split_across_tokens_is_never_emitted(gemma: GgufModel) -> None:
     # " capital", " of", " the", " country" are four tokens; the stop string cuts two of them
     text, chunks = await complete(gemma, FRANCE, temperature=0, max_tokens=20,
@@ -442,7 +445,7 @@ async def test_a_stop_string_split_across_tokens_is_never_emitted(gemma: GgufMod
     assert chunks[-1].finish_reason == "stop"
 
 
-@on_module_loop
+@on_gemma
 async def test_a_strong_positive_logit_bias_makes_a_token_appear(gemma: GgufModel) -> None:
     [banana] = gemma.tokenize(" banana", add_bos=False)
     text, _ = await complete(gemma, FRANCE, temperature=0, max_tokens=3,
@@ -450,7 +453,7 @@ async def test_a_strong_positive_logit_bias_makes_a_token_appear(gemma: GgufMode
     assert "banana" in text
 
 
-@on_module_loop
+@on_gemma
 async def test_a_logit_bias_of_minus_100_bans_the_greedy_choice(gemma: GgufModel) -> None:
     [the] = gemma.tokenize(" the", add_bos=False)
     _, chunks = await complete(gemma, FRANCE, temperature=0, max_tokens=1,
@@ -459,7 +462,7 @@ async def test_a_logit_bias_of_minus_100_bans_the_greedy_choice(gemma: GgufModel
     assert FRANCE_GREEDY.startswith(" the")
 
 
-@on_module_loop
+@on_gemma
 async def test_characters_spread_over_byte_tokens_stream_out_whole(gemma: GgufModel) -> None:
     prompt = "🦩🦩🦩🦩🦩🦩"
     assert len(gemma.tokenize(prompt, add_bos=False)) == 24  # four byte tokens per flamingo
@@ -469,7 +472,7 @@ async def test_characters_spread_over_byte_tokens_stream_out_whole(gemma: GgufMo
     assert [chunk.tokens for chunk in pieces] == [4] * 3
 
 
-@on_module_loop
+@on_gemma
 async def test_cjk_text_streams_without_replacement_characters(gemma: GgufModel) -> None:
     text, _ = await complete(gemma, "日本語: 東京は日本の首都です。大阪は", temperature=0,
                              max_tokens=6)
@@ -480,7 +483,7 @@ async def test_cjk_text_streams_without_replacement_characters(gemma: GgufModel)
 # --------------------------------------------------------------------------- Gemma: chat
 
 
-@on_module_loop
+@on_gemma
 async def test_chat_renders_gemmas_turns_with_its_special_tokens(gemma: GgufModel) -> None:
     request = GenerationRequest("t", messages=[{"role": "system", "content": "Be brief."},
                                                {"role": "user", "content": "Hi there"}])
@@ -493,7 +496,7 @@ async def test_chat_renders_gemmas_turns_with_its_special_tokens(gemma: GgufMode
     assert tokens.count(gemma.llama.token_bos()) == 1
 
 
-@on_module_loop
+@on_gemma
 async def test_chat_generates_and_counts_the_rendered_prompt(gemma: GgufModel) -> None:
     messages = [{"role": "user", "content": "Name a colour."}]
     text, chunks = await complete(gemma, messages=messages, temperature=0, max_tokens=8)
@@ -506,7 +509,7 @@ async def test_chat_generates_and_counts_the_rendered_prompt(gemma: GgufModel) -
 # --------------------------------------------------------------------------- Gemma: JSON
 
 
-@on_module_loop
+@on_gemma
 async def test_json_mode_output_parses(gemma: GgufModel) -> None:
     text, chunks = await complete(
         gemma, 'A city as JSON: {"city": "Paris", "country": "France"}\nA city as JSON:',
@@ -515,7 +518,7 @@ async def test_json_mode_output_parses(gemma: GgufModel) -> None:
     assert chunks[-1].finish_reason == "stop"
 
 
-@on_module_loop
+@on_gemma
 async def test_json_schema_output_has_the_required_keys_and_types(gemma: GgufModel) -> None:
     schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
               "properties": {"name": {"type": "string", "maxLength": 12},
@@ -534,7 +537,7 @@ async def test_json_schema_output_has_the_required_keys_and_types(gemma: GgufMod
     ({"type": "object", "required": "name"}, "invalid JSON Schema: schema.required must be"),
     ({"$ref": "#/$defs/missing"}, "JSON Schema not supported: "),
 ])
-@on_module_loop
+@on_gemma
 async def test_an_invalid_json_schema_is_a_request_error(gemma: GgufModel,
                                                          schema: dict[str, Any],
                                                          problem: str) -> None:
@@ -546,7 +549,7 @@ async def test_an_invalid_json_schema_is_a_request_error(gemma: GgufModel,
 # --------------------------------------------------------------------------- Gemma: tokens
 
 
-@on_module_loop
+@on_gemma
 async def test_tokens_round_trip_and_count(gemma: GgufModel) -> None:
     text = "Inferno runs Gemma: 東京, naïve café, 🦩!"
     tokens = gemma.tokenize(text, add_bos=False)
@@ -557,7 +560,7 @@ async def test_tokens_round_trip_and_count(gemma: GgufModel) -> None:
 # --------------------------------------------------------------------------- Gemma: limits
 
 
-@on_module_loop
+@on_gemma
 async def test_prompt_plus_max_tokens_beyond_the_context_is_a_request_error(
         gemma: GgufModel) -> None:
     prompt_tokens = len(gemma.tokenize(FRANCE))
@@ -568,7 +571,7 @@ async def test_prompt_plus_max_tokens_beyond_the_context_is_a_request_error(
     assert await greedy(gemma, FRANCE, 3) == " the capital of"
 
 
-@on_module_loop
+@on_gemma
 async def test_a_prompt_longer_than_the_context_is_a_request_error(gemma: GgufModel) -> None:
     with pytest.raises(RequestError, match="more than the context size of 2048 tokens"):
         await complete(gemma, "hello " * 2100, max_tokens=1)
@@ -581,7 +584,7 @@ async def test_a_prompt_longer_than_the_context_is_a_request_error(gemma: GgufMo
     ({"max_tokens": 0}, "max_tokens"),
     ({"logit_bias": {"999999999": 5}}, "logit_bias token 999999999"),
 ])
-@on_module_loop
+@on_gemma
 async def test_invalid_sampling_values_are_request_errors_and_the_model_keeps_serving(
         gemma: GgufModel, params: dict[str, Any], named: str) -> None:
     with pytest.raises(RequestError, match=r"^gemma: ") as caught:
@@ -590,7 +593,7 @@ async def test_invalid_sampling_values_are_request_errors_and_the_model_keeps_se
     assert await greedy(gemma, FRANCE, 3) == " the capital of"
 
 
-@on_module_loop
+@on_gemma
 async def test_a_request_without_prompt_or_messages_is_a_request_error(gemma: GgufModel) -> None:
     with pytest.raises(RequestError, match="needs a prompt"):
         await complete(gemma)
@@ -599,7 +602,7 @@ async def test_a_request_without_prompt_or_messages_is_a_request_error(gemma: Gg
 # --------------------------------------------------------------------------- Gemma: cancel
 
 
-@on_module_loop
+@on_gemma
 async def test_closing_the_stream_stops_generation_within_a_decode_step(
         gemma: GgufModel) -> None:
     first = gemma.decoded_tokens
@@ -617,7 +620,7 @@ async def test_closing_the_stream_stops_generation_within_a_decode_step(
     assert await greedy(gemma, FRANCE, FRANCE_GREEDY_TOKENS) == FRANCE_GREEDY
 
 
-@on_module_loop
+@on_gemma
 async def test_cancelling_the_consumer_stops_generation_within_a_decode_step(
         gemma: GgufModel) -> None:
     three_chunks = asyncio.Event()
@@ -652,7 +655,7 @@ async def aenumerate(iterator: AsyncIterator[Any], start: int) -> AsyncIterator[
 # --------------------------------------------------------------------------- Gemma: concurrency
 
 
-@on_module_loop
+@on_gemma
 async def test_concurrent_requests_each_get_their_own_greedy_answer(gemma: GgufModel) -> None:
     prompts = [FRANCE, "Once upon a time", "def fibonacci(n):"]
     alone = [await greedy(gemma, prompt, 8) for prompt in prompts]
@@ -668,7 +671,7 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-@on_module_loop
+@on_gemma
 async def test_embeddings_are_unit_length_and_identical_for_identical_inputs(
         gemma: GgufModel) -> None:
     first, second = await gemma.embed(["hello world", "hello world"])
@@ -677,21 +680,21 @@ async def test_embeddings_are_unit_length_and_identical_for_identical_inputs(
     assert first == second
 
 
-@on_module_loop
+@on_gemma
 async def test_a_batch_embeds_as_its_inputs_one_by_one(gemma: GgufModel) -> None:
     texts = ["a cat sat on the mat", "The stock market fell sharply today", "hello world"]
     batch = await gemma.embed(texts)
     assert batch == [(await gemma.embed([text]))[0] for text in texts]
 
 
-@on_module_loop
+@on_gemma
 async def test_similar_texts_embed_closer_than_unrelated_ones(gemma: GgufModel) -> None:
     cat, kitten, market = await gemma.embed(["a cat sat on the mat", "a kitten sat on the rug",
                                              "The stock market fell sharply today"])
     assert cosine(cat, kitten) > cosine(cat, market)
 
 
-@on_module_loop
+@on_gemma
 async def test_an_embedding_input_longer_than_the_context_is_a_request_error(
         gemma: GgufModel) -> None:
     with pytest.raises(RequestError, match=r"^gemma: input 1 has \d+ tokens, more than the "
@@ -700,7 +703,7 @@ async def test_an_embedding_input_longer_than_the_context_is_a_request_error(
     assert len((await gemma.embed(["short"]))[0]) == gemma.info["embedding_length"]
 
 
-@on_module_loop
+@on_gemma
 async def test_embedding_inputs_must_be_a_list_of_strings(gemma: GgufModel) -> None:
     with pytest.raises(RequestError, match="list of strings"):
         await gemma.embed("hello")  # type: ignore[arg-type]
