@@ -17,7 +17,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-import llama_cpp
+try:
+    import llama_cpp
+except ImportError as exc:  # the profile names this backend, so say how to get it
+    raise ImportError(f"the gguf backend needs llama-cpp-python ({exc.msg}): "
+                      f"pip install 'inferno[gguf]'") from exc
 from dynaconf import Validator
 
 from inferno.kernel import Backend, ConfigSpec, ModelSpec, hookimpl
