@@ -8,6 +8,7 @@ through the ``inferno_cli_commands`` hook.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -113,10 +114,17 @@ def global_options(command: F) -> F:
 class InfernoGroup(click.Group):
     """Adds the subcommands that plugins contribute."""
 
+    _following: Sequence[str] = ()
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        self._following = args[1:]  # global options may follow the command's name
+        return super().resolve_command(ctx, args)
+
     def _plugin_commands(self, ctx: click.Context) -> tuple[dict[str, click.Command], str]:
         """The plugins' commands, or the reason they cannot be listed."""
         commands: dict[str, click.Command] = {}
-        state = ctx.ensure_object(CliState)
+        state = _with_following_options(ctx.ensure_object(CliState), self._following)
         try:
             results = state.kernel().hook.inferno_cli_commands()
         except InfernoError as exc:
@@ -145,6 +153,26 @@ class InfernoGroup(click.Group):
             _fail(f"no command {cmd_name!r} among the built-in ones, and the plugins' "
                   f"commands are unavailable because the {problem}")
         return commands.get(cmd_name)
+
+
+def _with_following_options(state: CliState, args: Sequence[str]) -> CliState:
+    """``state`` as it will be once the global options after the command are parsed, so that
+    the plugins that provide the command are those of the profile the user named."""
+    names = {"--profile": "profile", "-p": "profile", "--config": "config_file",
+             "-c": "config_file", "--set": "sets", "-s": "sets"}
+    found: dict[str, Any] = {"sets": list(state.sets)}
+    words = iter(args)
+    for word in words:
+        option, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if option in names:
+            value = value if equals else next(words, "")
+            if names[option] == "sets":
+                found["sets"].append(value)
+            else:
+                found[names[option]] = value
+    if len(found) == 1 and found["sets"] == state.sets:
+        return state
+    return dataclasses.replace(state, **found)  # shares the cache of built kernels
 
 
 @click.group(cls=InfernoGroup, invoke_without_command=True,
