@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from inferno.kernel import Event, GenerationRequest, Kernel
+from inferno.kernel import ConfigError, Event, GenerationRequest, Kernel
 from inferno.plugins.models.errors import ModelError, ModelNotFound, NoBackend
 from inferno.plugins.models.events import (
     ModelDiscovered,
@@ -86,21 +86,32 @@ async def test_aliases_reach_the_same_loaded_model(models_kernel: Any, tiny: Pat
         assert list(manager.residents) == ["tiny"]
 
 
-def test_an_invalid_name_in_the_profile_is_reported_and_the_rest_serve(
-        models_kernel: Any, tiny: Path, run_kernel: Any) -> None:
-    kernel = models_kernel({"tiny": {"path": str(tiny)}, "bad/name": {"path": str(tiny)},
-                            "typo": {"path": str(tiny), "sah256": "x"}})
+def test_bad_entries_in_the_profile_are_configuration_errors(models_kernel: Any,
+                                                             tiny: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        models_kernel({"tiny": {"path": str(tiny)}, "bad/name": {"path": str(tiny)},
+                       "typo": {"path": str(tiny), "sah256": "x"},
+                       "pathless": {"keep_alive": -5}})
+    problems = {(p.key, p.message) for p in caught.value.problems}
+    assert ("plugins.models.entries.bad/name", "is not a valid model name: use letters, "
+            "digits and . _ : - (at most 128, starting with a letter or digit)") in problems
+    assert ("plugins.models.entries.typo.sah256",
+            "unknown key; did you mean 'sha256'?") in problems
+    assert ("plugins.models.entries.pathless.path",
+            "is required: the model file (or a pkg: path)") in problems
+    assert ("plugins.models.entries.pathless.keep_alive",
+            "must be -1 (forever), 0 or a number of seconds") in problems
+    assert not any(key.startswith("plugins.models.entries.tiny") for key, _ in problems)
 
-    async def scenario(k: Kernel) -> ModelManager:
-        return k.service("models")  # type: ignore[no-any-return]
 
-    manager = run_kernel(kernel, scenario)
-    assert set(manager.registry.entries) == {"tiny"}
-    problems = "\n".join(manager.registry.problems)
-    assert "bad/name" in problems
-    assert "not a valid model name" in problems
-    assert "'sah256'" in problems
-    assert "did you mean 'sha256'" in problems
+async def test_a_bad_manifest_entry_is_skipped_with_its_reason(models_kernel: Any, tiny: Path,
+                                                               tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(f'[models.good]\npath = "{tiny}"\n[models.bad]\nsah256 = "x"\n')
+    async with models_kernel({}, manifest=str(manifest)).running() as kernel:
+        manager: ModelManager = kernel.service("models")
+        assert list(manager.registry.entries) == ["good"]
+        assert "unknown key; did you mean 'sha256'?" in "\n".join(manager.registry.problems)
 
 
 async def test_folders_are_scanned_by_content_not_extension(models_kernel: Any, tmp_path: Path,
@@ -180,10 +191,13 @@ async def test_a_broken_file_fails_its_model_only(models_kernel: Any, tiny: Path
 
 async def test_a_checksum_mismatch_refuses_the_load(models_kernel: Any, tiny: Path) -> None:
     kernel = models_kernel({"pinned": {"path": str(tiny), "sha256": "0" * 64}})
+    recorder = Recorder(kernel)
     async with kernel.running():
         manager: ModelManager = kernel.service("models")
         with pytest.raises(ModelError, match="checksum mismatch"):
             await complete(manager, "pinned")
+        failed = await recorder.of(ModelFailed)
+        assert [(e.model, e.stage) for e in failed] == [("pinned", "verify")]
         assert not manager.residents
         assert kernel.resources.usage()["memory"]["used"] == 0
 
@@ -249,7 +263,9 @@ async def test_a_memory_budget_evicts_and_refuses_when_everything_is_busy(
         await complete(manager, "b")  # both do not fit: a goes
         assert list(manager.residents) == ["b"]
         async with manager.use("b"):  # b is busy, so there is no room for a
-            with pytest.raises(ModelError, match=r"no loaded model is idle.*busy: b"):
+            with pytest.raises(ModelError, match=r"models' memory budget \(plugins.models.memory\) "
+                                                 r"has \d+ left, and no loaded model is idle "
+                                                 r"\(busy: b\)"):
                 await complete(manager, "a")
         assert await complete(manager, "a")
 
@@ -298,11 +314,18 @@ async def test_eviction_for_another_owner_frees_idle_models(models_kernel: Any,
         reservation.release()
 
 
-async def test_preloaded_models_are_loaded_at_start(models_kernel: Any, tiny: Path) -> None:
+async def test_preloaded_models_are_loaded_at_start_and_stay(models_kernel: Any,
+                                                             tiny: Path) -> None:
     kernel = models_kernel({"tiny": {"path": str(tiny), "preload": True},
-                            "other": {"path": str(tiny)}})
+                            "brief": {"path": str(tiny), "keep_alive": 0},
+                            "other": {"path": str(tiny)}}, preload=["brief"], keep_alive=0.01)
     async with kernel.running():
-        assert list(kernel.service("models").residents) == ["tiny"]
+        manager: ModelManager = kernel.service("models")
+        assert sorted(manager.residents) == ["brief", "tiny"]
+        await complete(manager, "tiny")
+        await complete(manager, "brief")  # its own keep_alive of 0 still applies
+        await asyncio.sleep(0.1)
+        assert list(manager.residents) == ["tiny"]
 
 
 # --------------------------------------------------------------------------- hot swap
@@ -354,7 +377,7 @@ async def test_a_broken_new_version_leaves_the_old_one_serving(models_kernel: An
         assert await manager.check_files() == []
         assert await complete(manager, "tiny") == before
         failed = await recorder.of(ModelFailed)
-        assert [(e.model, e.stage) for e in failed] == [("tiny", "load")]
+        assert [(e.model, e.stage) for e in failed] == [("tiny", "swap")]
         assert await manager.check_files() == []  # not retried until the file changes again
 
 

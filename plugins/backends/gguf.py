@@ -181,10 +181,12 @@ class GgufBackend(Backend):
         layers = int(meta.get("block_count") or 0)
         heads = int(meta.get("head_count") or 1)
         kv_heads = int(meta.get("head_count_kv") or heads)
-        width = int(meta.get("embedding_length") or 0)
+        head_width = int(meta.get("embedding_length") or 0) // max(heads, 1)
+        key_width = int(meta.get("key_length") or head_width)  # Gemma 3: 256, not 640 / 4
+        value_width = int(meta.get("value_length") or key_width)
         context = context_size(options, meta)
-        kv_width = width * kv_heads // max(heads, 1)
-        kv_bytes = 2 * layers * context * kv_width * KV_BYTES[options["kv_cache_type"]]
+        per_token = layers * kv_heads * (key_width + value_width)
+        kv_bytes = context * per_token * KV_BYTES[options["kv_cache_type"]]
         return spec.path.stat().st_size + int(kv_bytes)
 
     async def load(self, spec: ModelSpec) -> GgufModel:

@@ -47,7 +47,7 @@ class ModelFailed(Event):
     TOPIC = "model.failed"
     model: str
     error: str
-    #: load, verify or swap
+    #: load, verify (a checksum mismatch), swap (a new version) or rollback
     stage: str
 
 

@@ -156,6 +156,8 @@ def gguf_metadata(path: Path, file: IO[bytes], size: int, parsed: tuple[int, str
         "vocab_size": _length(kv.get(keys.Tokenizer.LIST)),
     }
     optional = {"sliding_window": arch_value(keys.Attention.SLIDING_WINDOW),
+                "key_length": arch_value(keys.Attention.KEY_LENGTH),
+                "value_length": arch_value(keys.Attention.VALUE_LENGTH),
                 "pooling_type": _gguf_pooling_type(arch_value(keys.LLM.POOLING_TYPE))}
     metadata.update({key: value for key, value in optional.items() if value is not None})
     return {key: _json_safe(value) for key, value in metadata.items()}

@@ -206,6 +206,14 @@ class ModelManager:
             pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
         return await asyncio.shield(pending)
 
+    async def preload(self, name: str) -> Resident:
+        """Load ``name`` to stay: a preloaded model is kept until told otherwise (its entry's
+        keep_alive, when it sets one, still applies)."""
+        resident = await self.load(name)
+        if resident.current.entry.keep_alive is None:
+            resident.keep_alive = -1.0
+        return resident
+
     async def _load_resident(self, entry: Entry) -> Resident:
         path = entry.require_path()
         version = await self._load_version(entry, path)
@@ -214,8 +222,9 @@ class ModelManager:
         self._keep(resident, path)
         return resident
 
-    async def _load_version(self, entry: Entry, path: Path) -> Version:
+    async def _load_version(self, entry: Entry, path: Path, stage: str = "load") -> Version:
         bus = self.kernel.bus
+        failing = stage
         try:
             stamp = Stamp.of(path)
             described = await asyncio.to_thread(self._describe, path, entry.name)
@@ -224,20 +233,22 @@ class ModelManager:
                                              f"entry says format {entry.format!r}")
             backend = self.backend_for(entry, described.format)
             if entry.sha256:
+                failing = "verify"
                 await asyncio.to_thread(self.checksums.verify, path, entry.sha256)
+                failing = stage
             spec = ModelSpec(entry.name, path, described.format, entry.backend_options(),
                              described.metadata)
             need = backend.estimate_memory(spec)
             await self._make_room(entry.name, need)
             reservation = self.kernel.resources.reserve("memory", need, f"model:{entry.name}")
         except ModelError as exc:
-            self._failed(entry.name, exc, "load")
+            self._failed(entry.name, exc, failing)
             raise
         except (ResourceExhausted, OSError) as exc:
             reason = (f"cannot read {path}: {exc.strerror}" if isinstance(exc, OSError)
                       else str(exc))
             error = ModelError(entry.name, reason)
-            self._failed(entry.name, error, "load")
+            self._failed(entry.name, error, stage)
             raise error from exc
         bus.publish(ModelLoading(model=entry.name, backend=backend.name, version=stamp.id))
         started = time.perf_counter()
@@ -245,7 +256,7 @@ class ModelManager:
             model = await backend.load(spec)
         except Exception as exc:
             reservation.release()
-            self._failed(entry.name, exc, "load")
+            self._failed(entry.name, exc, stage)
             if isinstance(exc, ModelError):
                 raise
             raise ModelError(entry.name, f"{backend.name} could not load {path}: "
@@ -277,9 +288,14 @@ class ModelManager:
             idle = sorted((r for r in loaded if r.current.inflight == 0),
                           key=lambda r: r.last_used)
             if not idle:
-                why = (f"{len(loaded)} models are loaded (max_loaded {self.max_loaded})"
-                       if too_many else f"it needs {need} bytes and "
-                       f"{resources.available('memory')} are free")
+                if too_many:
+                    why = f"{len(loaded)} models are loaded (max_loaded {self.max_loaded})"
+                elif over_budget:
+                    why = (f"it needs {need} bytes and the models' memory budget "
+                           f"(plugins.models.memory) has {self.memory_budget - used} left")
+                else:
+                    why = (f"it needs {need} bytes and {resources.available('memory')} are "
+                           f"free (resources.memory)")
                 busy = ", ".join(r.name for r in loaded) or "none"
                 raise ResourceExhausted(f"cannot load {name}: {why}, and no loaded model is "
                                         f"idle (busy: {busy})")
@@ -413,7 +429,8 @@ class ModelManager:
                 return False
             old = resident.current
             try:
-                new = await self._load_version(old.entry, path)
+                new = await self._load_version(old.entry, path,
+                                               "rollback" if rollback else "swap")
             except (ModelError, OSError) as exc:
                 with contextlib.suppress(OSError):
                     resident.rejected = Stamp.of(path)

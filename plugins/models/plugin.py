@@ -18,13 +18,13 @@ from typing import Any
 import click
 from dynaconf import Validator
 
-from inferno.kernel import ConfigSpec, KernelHandle, hookimpl
+from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, KernelHandle, hookimpl
 from inferno.kernel.logs import get_logger
 
 from .errors import ModelError
 from .events import ModelDiscovered
 from .manager import ModelManager
-from .registry import Entry, PackagePaths, Registry, entry_from_table, scan
+from .registry import Entry, PackagePaths, Registry, entry_from_table, scan, table_problems
 
 DEFAULTS: dict[str, Any] = {
     # Folders scanned recursively for model files (named after the file).
@@ -68,6 +68,18 @@ def inferno_config_spec() -> ConfigSpec:
                   messages={"condition": "memory must be 'auto' or an amount like '8GiB', "
                                          "got {value!r}"}),
     ])
+
+
+@hookimpl
+def inferno_configure(config: Mapping[str, Any]) -> None:
+    """Check the profile's model entries with the rest of the configuration, so that a
+    typo is reported by ``profile validate`` and at start, not found out at the first use."""
+    problems = [ConfigProblem(f"plugins.models.entries.{name}" + (f".{key}" if key else ""),
+                              problem)
+                for name, table in config["entries"].items()
+                for key, problem in table_problems(name, table)]
+    if problems:
+        raise ConfigError(problems)
 
 
 @hookimpl
@@ -143,7 +155,7 @@ async def _serve_models(kernel: KernelHandle) -> AsyncIterator[None]:
     preload = [*config["preload"], *(n for n, e in manager.registry.entries.items() if e.preload)]
     for name in dict.fromkeys(preload):
         try:
-            await manager.load(name)
+            await manager.preload(name)
         except ModelError as exc:  # reported as model.failed; the other models still serve
             log.error("preload failed", model=name, error=exc.reason)
     try:

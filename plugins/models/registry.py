@@ -140,19 +140,50 @@ def _version_of(module: str, where: Path) -> str:
     return str(where.stat().st_mtime_ns)
 
 
+_TYPES: Mapping[str, tuple[type, ...]] = {
+    "path": (str,), "backend": (str,), "format": (str,), "parameters": (Mapping,),
+    "chat_template": (str,), "system_prompt": (str,), "aliases": (list, tuple),
+    "sha256": (str,), "options": (Mapping,), "keep_alive": (int, float), "preload": (bool,),
+    "description": (str,)}
+
+
+def table_problems(name: str, table: Any) -> list[tuple[str, str]]:
+    """``(key, problem)`` for everything wrong with an entry's table, without touching files."""
+    if not isinstance(table, Mapping):
+        return [("", "must be a table with at least a path")]
+    problems = []
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        problems.append(("", "is not a valid model name: use letters, digits and . _ : - "
+                             "(at most 128, starting with a letter or digit)"))
+    for key in sorted(set(table) - ENTRY_KEYS):
+        close = difflib.get_close_matches(key, ENTRY_KEYS, n=1)
+        problems.append((key, "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")))
+    for key, types in _TYPES.items():
+        value = table.get(key)
+        if value is not None and (not isinstance(value, types) or (
+                bool not in types and isinstance(value, bool))):
+            problems.append((key, f"must be {' or '.join(t.__name__ for t in types)}, "
+                                  f"got {value!r}"))
+    if not table.get("path"):
+        problems.append(("path", "is required: the model file (or a pkg: path)"))
+    for alias in table.get("aliases") or ():
+        if not isinstance(alias, str) or not NAME.fullmatch(alias):
+            problems.append(("aliases", f"{alias!r} is not a valid name"))
+    keep_alive = table.get("keep_alive")
+    if isinstance(keep_alive, int | float) and keep_alive < -1:
+        problems.append(("keep_alive", "must be -1 (forever), 0 or a number of seconds"))
+    return problems
+
+
 def entry_from_table(name: str, table: Mapping[str, Any], source: str,
                      paths: PackagePaths, base: Path | None = None) -> Entry:
     """An ``Entry`` from a profile or manifest table; a bad table raises ``ModelError``."""
-    check_name(name)
-    unknown = sorted(set(table) - ENTRY_KEYS)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], ENTRY_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ModelError(name, f"unknown key {unknown[0]!r} in its entry{hint} ({source})")
-    raw_path = table.get("path")
-    if not isinstance(raw_path, str) or not raw_path:
-        raise ModelError(name, f"its entry needs a path ({source})")
-    aliases = tuple(check_name(a, "alias") for a in table.get("aliases", ()))
+    problems = table_problems(name, table)
+    if problems:
+        key, problem = problems[0]
+        raise ModelError(name, f"{key + ' ' if key else ''}{problem} ({source})")
+    raw_path = str(table["path"])
+    aliases = tuple(table.get("aliases", ()))
     keep_alive = table.get("keep_alive")
     unavailable = ""
     path: Path | None = None
