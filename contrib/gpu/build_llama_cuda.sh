@@ -11,8 +11,10 @@
 #
 # What keeps the build short: one GPU architecture instead of llama.cpp's seven, and
 # GGML_CUDA_FA=OFF, which compiles the FlashAttention template instances (over half of the
-# ~144 CUDA files) as empty kernels. A wheel built so runs attention without FlashAttention
-# on the GPU: leave the gguf backend's flash_attention at its default, false.
+# ~144 CUDA files) as empty kernels; and LLAVA_BUILD=OFF, which skips the multimodal library
+# (mtmd: llama-cpp-python loads it only for image chat handlers, which Inferno does not use).
+# A wheel built so runs attention without FlashAttention on the GPU: leave the gguf backend's
+# flash_attention at its default, false.
 #
 # cuBLAS and the driver library are found wherever the machine keeps them: in the CUDA
 # toolkit, or in the nvidia-* Python packages that PyTorch installs (nvidia/cu13/...). When
@@ -78,7 +80,8 @@ fi
 
 args=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$archs" -DGGML_CUDA_FA=OFF
       -DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF -DGGML_CUDA_COMPRESSION_MODE=none
-      -DGGML_CCACHE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "${extra[@]}"
+      -DGGML_CCACHE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAVA_BUILD=OFF
+      "${extra[@]}"
       ${EXTRA_CMAKE_ARGS:-})
 # scikit-build-core splits CMAKE_ARGS like a shell, so no argument may hold a space.
 export CMAKE_ARGS="${args[*]}"
