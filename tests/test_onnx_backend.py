@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from tokenizers import Tokenizer
 
 from inferno.kernel import ConfigError, ModelSpec
-from inferno.plugins.backends.onnx_session import physical_cores
+from inferno.plugins.backends.hardware import physical_cores
 from inferno.plugins.models.errors import ModelError, ModelFileError, RequestError
 
 SENTENCES = ["a cat sits on the mat", "a kitten is on the rug", "stock markets fell today"]
@@ -34,17 +34,19 @@ WithModel = Callable[..., Any]
 
 @pytest.fixture
 def with_model(make_kernel, run_kernel) -> WithModel:
-    """``with_model(path, scenario, options=..., config=...)``: load the model through a
-    running kernel's ``onnx`` backend, await ``scenario(model)`` and return its result."""
+    """``with_model(path, scenario, options=..., config=..., metadata=...)``: load the model
+    through a running kernel's ``onnx`` backend, await ``scenario(model)`` and return its
+    result."""
 
     def run(path: Path, scenario: Callable[[Any], Awaitable[Any]], *,
             options: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
-            name: str = "model") -> Any:
+            name: str = "model", metadata: Mapping[str, Any] | None = None) -> Any:
         kernel = make_kernel({"backends": {"onnx": dict(config or {})}})
 
         async def load_and_run(kernel: Any) -> Any:
             backend = kernel.drivers("backends")["onnx"]
-            model = await backend.load(ModelSpec(name, Path(path), "onnx", options=options or {}))
+            model = await backend.load(ModelSpec(name, Path(path), "onnx", options=options or {},
+                                                 metadata=metadata or {}))
             try:
                 return await scenario(model)
             finally:
@@ -262,8 +264,8 @@ def test_a_tokenizer_option_that_points_nowhere_says_so(with_model, minilm_onnx,
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (np.random.default_rng(1).bytes(4096), "is not an ONNX model|is truncated"),
-    (b"", "has no graph"),
+    (np.random.default_rng(1).bytes(4096), "ONNX"),
+    (b"", "empty"),
 ])
 def test_a_file_that_is_not_onnx_names_the_file(with_model, tmp_path, content, message):
     path = tmp_path / "garbage.onnx"
@@ -276,14 +278,30 @@ def test_a_file_that_is_not_onnx_names_the_file(with_model, tmp_path, content, m
 def test_a_truncated_model_names_the_file(with_model, minilm_onnx, tmp_path):
     path = tmp_path / "truncated.onnx"
     path.write_bytes(minilm_onnx.read_bytes()[:100_000])
-    with pytest.raises(ModelFileError, match="is truncated") as caught:
+    with pytest.raises(ModelFileError, match="not a valid ONNX model") as caught:
         with_model(path, info_of)
     assert caught.value.subject == str(path)
 
 
-def test_a_missing_file_names_the_file_and_the_model(with_model, tmp_path):
-    with pytest.raises(ModelFileError, match=r"absent.onnx: does not exist \(model 'model'\)"):
+def test_a_missing_file_names_the_file(with_model, tmp_path):
+    with pytest.raises(ModelFileError, match=r"absent.onnx: missing"):
         with_model(tmp_path / "absent.onnx", info_of)
+
+
+def test_a_model_of_another_format_is_turned_away(with_model, minilm_files):
+    with pytest.raises(ModelFileError, match=r"is a safetensors file, not an ONNX model "
+                                             r"\(model 'model'\)"):
+        with_model(minilm_files / "model.safetensors", info_of)
+
+
+def test_what_the_model_manager_read_is_not_read_again(with_model, adder, monkeypatch):
+    from inferno.plugins.models import formats
+
+    def read_again(path):
+        raise AssertionError(f"{path} read twice")
+
+    monkeypatch.setattr(formats, "describe", read_again)
+    assert with_model(adder, info_of, metadata={"opset": 17})["opset"] == 17
 
 
 # --------------------------------------------------------------------------- settings

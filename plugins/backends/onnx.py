@@ -52,9 +52,6 @@ class OnnxBackend(Backend):
     async def load(self, spec: ModelSpec) -> LoadedModel:
         """Open ``spec`` in a session and wrap it as the kind of model its graph is."""
         options = resolve_options(spec.name, self.config, spec.options)
-        if not spec.path.is_file():
-            what = "is a folder, not an ONNX file" if spec.path.is_dir() else "does not exist"
-            raise ModelFileError(spec.path, f"{what} (model {spec.name!r})")
         started = time.perf_counter()
         optimized = self._optimized_path(spec, options)
         model = await asyncio.to_thread(self._build, spec, options, optimized)
@@ -69,10 +66,10 @@ class OnnxBackend(Backend):
                ) -> OnnxModel:
         # onnxruntime, numpy and tokenizers load here, not when the profile is read.
         from inferno.plugins.backends.onnx_models import OnnxModel
-        from inferno.plugins.backends.onnx_session import open_session, read_opset, tensors
+        from inferno.plugins.backends.onnx_session import open_session, tensors
         from inferno.plugins.backends.onnx_text import detect_model_type, open_text_model
 
-        opset = read_opset(spec.path)
+        opset = self._opset(spec)
         session = open_session(spec.name, spec.path, options, optimized, self.log.warning)
         inputs, outputs = tensors(session.get_inputs()), tensors(session.get_outputs())
         providers = list(session.get_providers())
@@ -89,6 +86,20 @@ class OnnxBackend(Backend):
         if model_type == "generic":
             return OnnxModel(session, info)
         return open_text_model(model_type, session, info, options)
+
+    @staticmethod
+    def _opset(spec: ModelSpec) -> int | None:
+        """The graph's opset, from the model manager's reading of the file; a model loaded
+        without the manager is read the same way, which also turns away what is not ONNX."""
+        if "opset" in spec.metadata:
+            return spec.metadata["opset"]  # type: ignore[no-any-return]
+        from inferno.plugins.models.formats import describe
+
+        described = describe(spec.path)
+        if described.format != "onnx":
+            raise ModelFileError(spec.path, f"is a {described.format} file, not an ONNX model "
+                                            f"(model {spec.name!r})")
+        return described.metadata.get("opset")
 
     def _optimized_path(self, spec: ModelSpec, options: OnnxOptions) -> Path | None:
         if not options.optimized_model_dir:

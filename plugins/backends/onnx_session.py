@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from inferno.plugins.backends.hardware import threads
 from inferno.plugins.backends.onnx_options import OnnxOptions
-from inferno.plugins.models.errors import ModelError, ModelFileError
+from inferno.plugins.models.errors import ModelError
 
 OPTIMIZATION_LEVELS: Mapping[str, ort.GraphOptimizationLevel] = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -70,100 +70,11 @@ def _dim(dim: Any) -> int | str | None:
     return dim or None
 
 
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on; threads on a core's sibling
-    hyperthreads only slow an onnxruntime thread pool down."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cores = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text().strip(),
-                       (topology / "core_id").read_text().strip()))
-        except OSError:
-            return len(cpus)
-    return len(cores) or len(cpus) or os.cpu_count() or 1
-
-
-def read_opset(path: Path) -> int | None:
-    """The default-domain opset of an ONNX file, reading only the protobuf's top level (the
-    graph is skipped, never parsed). Raises ``ModelFileError`` when the file is not a
-    ModelProto at all, which is the clearest thing to say about a garbage file."""
-    size = path.stat().st_size
-    opset: int | None = None
-    seen = set()
-    with path.open("rb") as file:
-        while file.tell() < size:
-            field, wire = divmod(_varint(path, file), 8)
-            if field == 0 or wire not in (0, 1, 2, 5):
-                raise ModelFileError(path, "is not an ONNX model (not a protobuf ModelProto)")
-            seen.add(field)
-            if wire == 0:
-                _varint(path, file)
-            elif wire == 2:
-                length = _varint(path, file)
-                if file.tell() + length > size:
-                    raise ModelFileError(path, f"is truncated or not an ONNX model: a field "
-                                               f"runs {file.tell() + length - size} bytes "
-                                               f"past the end of the file")
-                if field == 8:  # opset_import: domain (1) and version (2)
-                    domain, version = _opset_entry(file.read(length))
-                    if domain in ("", "ai.onnx"):
-                        opset = version
-                else:
-                    file.seek(length, os.SEEK_CUR)
-            else:
-                file.seek(8 if wire == 1 else 4, os.SEEK_CUR)
-    if 7 not in seen:  # a ModelProto without a graph
-        raise ModelFileError(path, "is not an ONNX model: it has no graph")
-    return opset
-
-
-def _varint(path: Path, file: BinaryIO) -> int:
-    value = shift = 0
-    while True:
-        byte = file.read(1)
-        if not byte:
-            raise ModelFileError(path, "is truncated or not an ONNX model")
-        value |= (byte[0] & 0x7F) << shift
-        if byte[0] < 0x80:
-            return value
-        shift += 7
-        if shift > 63:
-            raise ModelFileError(path, "is not an ONNX model (bad protobuf varint)")
-
-
-def _opset_entry(data: bytes) -> tuple[str, int | None]:
-    domain, version, at = "", None, 0
-    while at < len(data):
-        tag, at = _buffer_varint(data, at)
-        if tag == (1 << 3 | 2):
-            length, at = _buffer_varint(data, at)
-            domain, at = data[at:at + length].decode("utf-8", "replace"), at + length
-        elif tag == (2 << 3 | 0):
-            version, at = _buffer_varint(data, at)
-        else:
-            break
-    return domain, version
-
-
-def _buffer_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while at < len(data):
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            break
-        shift += 7
-    return value, at
-
-
 def session_options(options: OnnxOptions, optimized_path: Path | None) -> ort.SessionOptions:
     """onnxruntime's ``SessionOptions`` for ``options``."""
     session = ort.SessionOptions()
     session.graph_optimization_level = OPTIMIZATION_LEVELS[options.graph_optimization_level]
-    session.intra_op_num_threads = options.intra_op_threads or physical_cores()
+    session.intra_op_num_threads = threads(options.intra_op_threads)
     session.inter_op_num_threads = options.inter_op_threads
     session.execution_mode = EXECUTION_MODES[options.execution_mode]
     spinning = "1" if options.allow_spinning else "0"
