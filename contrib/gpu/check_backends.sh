@@ -28,11 +28,17 @@ START=$(date +%s)
 mkdir -p "$OUT" "$WORK"
 rm -f "$WORK"/*.json "$WORK"/steps.jsonl
 
+PREBUILT_ONLY=${PREBUILT_ONLY:-0}          # 1: skip the build, use .whl/prebuilt
+PREBUILT=.whl/prebuilt/llama_cpp_cuda_prebuilt.tar.xz
 if [[ $GPU == 1 ]]; then
     PY=${PYTHON:-python3}
-    MODEL_ARGS=()                            # the 1B default of make_model.py
+    SMALL=${SMALL:-0}
 else
     PY=${PYTHON:-$ROOT/.venv/bin/python}
+    SMALL=${SMALL:-1}
+fi
+MODEL_ARGS=()                                # the ~0.85B default of make_model.py
+if [[ $SMALL == 1 ]]; then
     MODEL_ARGS=(--n-embd 256 --n-layer 4 --n-ff 512 --n-head 4 --n-head-kv 2 --vocab 2048)
 fi
 export INFERNO_KERNEL__DATA_DIR=$WORK/data
@@ -109,10 +115,10 @@ main() {
 
     # The CUDA build runs in the background while the model is written and ONNX is checked.
     local build_pid="" model_pid
-    if [[ $GPU == 1 ]]; then
+    if [[ $GPU == 1 && $PREBUILT_ONLY != 1 ]]; then
         rm -rf "$WORK/wheels"
-        # Leave ~170 s for everything after the build.
-        local build_limit=$(( $(left) - 170 ))
+        # Leave ~160 s for everything after the build.
+        local build_limit=$(( $(left) - 160 ))
         say "CUDA build of llama-cpp-python in the background (limit ${build_limit}s," \
             "log in build.log)"
         step build-llama-cuda "$build_limit" bash contrib/gpu/build_llama_cuda.sh \
@@ -127,24 +133,24 @@ main() {
 
     wait "$model_pid"; cat "$WORK/make_model.out"
     local llama_from="rehearsal: the llama-cpp-python installed for $PY"
-    if [[ -n $build_pid ]]; then
+    if [[ $PREBUILT_ONLY == 1 ]]; then
+        install_prebuilt && llama_from="PREBUILT elsewhere ($PREBUILT), no build here"
+    elif [[ -n $build_pid ]]; then
         if wait "$build_pid"; then
             "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
                 "$WORK"/wheels/llama_cpp_python-*.whl
             llama_from="built here with CUDA (contrib/gpu/build_llama_cuda.sh)"
         else
             say "the CUDA build failed or ran out of time; its last lines:"
-            grep '^\[build' "$OUT/build.log"
+            grep -E '^\[(build|[0-9])' "$OUT/build.log"
             tail -40 "$OUT/build.log"
-            if compgen -G ".whl/prebuilt/llama_cpp_python-*.whl" >/dev/null; then
-                "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
-                    .whl/prebuilt/llama_cpp_python-*.whl
-                llama_from="PREBUILT elsewhere (.whl/prebuilt), the build here did not finish"
+            if install_prebuilt; then
+                llama_from="PREBUILT elsewhere ($PREBUILT), the build here did not finish"
             else
                 llama_from="none: the build failed and there is no prebuilt wheel"
             fi
         fi
-        grep '^\[build' "$OUT/build.log"
+        grep -E '^\[(build|[0-9])' "$OUT/build.log"
     fi
     say "llama-cpp-python: $llama_from"
     echo "$llama_from" >"$WORK/llama_from.txt"
@@ -152,6 +158,15 @@ main() {
         return 1
     fi
     gguf_checks
+}
+
+# build_llama_cuda.sh's build made on another machine by `PREBUILD=1 prepare.sh` (nvcc 13.0,
+# GGML_NATIVE=OFF, cuBLAS from the nvidia-cublas wheel), its libraries xz-packed.
+install_prebuilt() {
+    [[ -f $PREBUILT ]] || return 1
+    say "installing $PREBUILT"
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' \
+        "$PREBUILT" "$SITE"
 }
 
 onnx_checks() {
@@ -178,7 +193,7 @@ EOF
         --set 'backends.onnx.providers=["CUDAExecutionProvider","CPUExecutionProvider"]' \
         >"$WORK/onnx_providers.out"
     cat "$WORK/onnx_providers.out"
-    tail -1 "$WORK/onnx_providers.out" >"$WORK/onnx_providers.json"
+    grep '^{"onnxruntime"' "$WORK/onnx_providers.out" >"$WORK/onnx_providers.json"
     step onnx-bench 60 "${INFERNO[@]}" --set 'logging.level="warning"' \
         --set 'backends.onnx.providers=["CUDAExecutionProvider","CPUExecutionProvider"]' \
         bench gpu-minilm --json --runs 3 | tee "$WORK/onnx_bench.json"
