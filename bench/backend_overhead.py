@@ -325,7 +325,7 @@ def main() -> None:
                         help="calls of 32 inputs each, per round")
     parser.add_argument("--prompts", type=int, default=3,
                         help="gguf: different prompts per round")
-    parser.add_argument("--decode-tokens", type=int, default=64,
+    parser.add_argument("--decode-tokens", type=int, default=128,
                         help="gguf: tokens decoded per prompt")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

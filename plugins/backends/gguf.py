@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import functools
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 try:
@@ -193,14 +195,23 @@ class GgufBackend(Backend):
         options = self.options(spec)
         started = time.perf_counter()
         spec = dataclasses.replace(spec, metadata=await asyncio.to_thread(file_metadata, spec))
-        llama, offloaded = await asyncio.to_thread(self._open, spec, options, embedding=False)
+        # Every llama.cpp call for this model runs on this one thread: llama.cpp's OpenMP
+        # keeps a team of compute threads per calling thread, and two teams on the same
+        # cores (one from the loading thread, one from a generating thread) slow decoding.
+        thread = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{spec.name}")
+        try:
+            llama, offloaded = await asyncio.get_running_loop().run_in_executor(
+                thread, functools.partial(self._open, spec, options, embedding=False))
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
         info = {
             "load_seconds": round(time.perf_counter() - started, 3),
             "gpu_layers_offloaded": offloaded[0] if offloaded else 0,
             "layers": llama_cpp.llama_model_n_layer(llama.model),
         }
         self.log.debug("loaded", model=spec.name, **info)
-        return GgufModel(self, spec, options, llama, info)
+        return GgufModel(self, spec, options, llama, info, thread=thread)
 
     def open_embedder(self, spec: ModelSpec, options: Mapping[str, Any]) -> llama_cpp.Llama:
         """A second context on the same (memory-mapped) weights, computing embeddings."""

@@ -12,9 +12,10 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import llama_cpp
 import numpy as np
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .gguf import GgufBackend
 
 _DONE = object()
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,8 +59,11 @@ class GgufModel(LoadedModel):
     ENTRY_OPTIONS = frozenset({"chat_template", "system_prompt", "parameters"})
 
     def __init__(self, backend: GgufBackend, spec: ModelSpec, options: Mapping[str, Any],
-                 llama: llama_cpp.Llama, load_info: Mapping[str, Any]) -> None:
+                 llama: llama_cpp.Llama, load_info: Mapping[str, Any], *,
+                 thread: ThreadPoolExecutor | None = None) -> None:
         self.backend = backend
+        #: The one thread every llama.cpp call of this model runs on (see GgufBackend.load).
+        self.thread = thread or ThreadPoolExecutor(1, thread_name_prefix=f"llama-{spec.name}")
         self.spec = spec
         self.options = options
         self.llama = llama
@@ -170,8 +175,8 @@ class GgufModel(LoadedModel):
             self._check_open()  # closed while this request waited for its turn
             started = time.perf_counter()
             run = _Run(asyncio.get_running_loop(), asyncio.Queue())
-            worker = asyncio.ensure_future(asyncio.to_thread(
-                self._decode, run, tokens, sampling, max_tokens, grammar))
+            worker = asyncio.ensure_future(run.loop.run_in_executor(
+                self.thread, self._decode, run, tokens, sampling, max_tokens, grammar))
             try:
                 while (item := await run.queue.get()) is not _DONE:
                     yield Chunk(text=item[0], tokens=item[1])
@@ -272,8 +277,8 @@ class GgufModel(LoadedModel):
         async with self._embed_lock:
             self._check_open()
             if self._embedder is None:
-                self._embedder = await asyncio.to_thread(self.backend.open_embedder, self.spec,
-                                                         self.options)
+                self._embedder = await self._on_thread(self.backend.open_embedder, self.spec,
+                                                       self.options)
             embedder = self._embedder
             limit = embedder.n_ctx()
             for index, text in enumerate(inputs):
@@ -281,7 +286,10 @@ class GgufModel(LoadedModel):
                 if count > limit:
                     raise RequestError(self.name, f"input {index} has {count} tokens, more than "
                                                   f"the context size of {limit}")
-            return await asyncio.to_thread(self._embed_each, embedder, list(inputs))
+            return await self._on_thread(self._embed_each, embedder, list(inputs))
+
+    async def _on_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)
 
     @staticmethod
     def _embed_each(embedder: llama_cpp.Llama, inputs: list[str]) -> list[list[float]]:
@@ -299,6 +307,7 @@ class GgufModel(LoadedModel):
             self.llama.close()
             if self._embedder is not None:
                 self._embedder.close()
+            self.thread.shutdown(wait=False)
 
 
 async def _join(worker: asyncio.Future[None]) -> None:
