@@ -113,7 +113,8 @@ main() {
     export PYTHONPATH=$SITE
     export PATH=$SITE/bin:$PATH
 
-    # The CUDA build runs in the background while the model is written and ONNX is checked.
+    # The CUDA build runs in the background while the model is written. ONNX comes last: the
+    # edge profile enables the gguf backend too, so nothing starts without llama-cpp-python.
     local build_pid="" model_pid
     if [[ $GPU == 1 && $PREBUILT_ONLY != 1 ]]; then
         rm -rf "$WORK/wheels"
@@ -128,8 +129,6 @@ main() {
     step make-model 150 "$PY" contrib/gpu/make_model.py "$WORK/model-f16.gguf" \
         "${MODEL_ARGS[@]}" >"$WORK/make_model.out" 2>&1 &
     model_pid=$!
-
-    onnx_checks
 
     wait "$model_pid"; cat "$WORK/make_model.out"
     local llama_from="rehearsal: the llama-cpp-python installed for $PY"
@@ -154,10 +153,11 @@ main() {
     fi
     say "llama-cpp-python: $llama_from"
     echo "$llama_from" >"$WORK/llama_from.txt"
-    if [[ $llama_from == none* ]]; then
-        return 1
+    if [[ $llama_from != none* ]]; then
+        gguf_checks
     fi
-    gguf_checks
+    onnx_checks
+    [[ $llama_from != none* ]]
 }
 
 # build_llama_cuda.sh's build made on another machine by `PREBUILD=1 prepare.sh` (nvcc 13.0,
@@ -194,9 +194,18 @@ EOF
         >"$WORK/onnx_providers.out"
     cat "$WORK/onnx_providers.out"
     grep '^{"onnxruntime"' "$WORK/onnx_providers.out" >"$WORK/onnx_providers.json"
-    step onnx-bench 60 "${INFERNO[@]}" --set 'logging.level="warning"' \
-        --set 'backends.onnx.providers=["CUDAExecutionProvider","CPUExecutionProvider"]' \
+    local cuda_first='backends.onnx.providers=["CUDAExecutionProvider","CPUExecutionProvider"]'
+    step onnx-bench 60 "${INFERNO[@]}" --set 'logging.level="warning"' --set "$cuda_first" \
         bench gpu-minilm --json --runs 3 | tee "$WORK/onnx_bench.json"
+    # Seen on an H200 with the llama-cpp-python built there: once its libggml-cuda.so is
+    # loaded, importing ml_dtypes (which onnx imports, and Inferno imports onnx to describe an
+    # ONNX file) dies with a segmentation fault in ml_dtypes/_finfo.py (float4_e2m1fn). So
+    # the import order is checked on its own, and the bench repeated with ml_dtypes first.
+    step import-order 30 "$PY" -c 'import llama_cpp, ml_dtypes; print("llama_cpp then ml_dtypes: ok")'
+    step onnx-bench-ml-dtypes-first 60 "$PY" -c \
+        'import sys, ml_dtypes; from inferno.kernel.cli import main; main(sys.argv[1:])' \
+        --profile edge --config "$CONFIG" --set 'logging.level="warning"' --set "$cuda_first" \
+        bench gpu-minilm --json --runs 3 | tee "$WORK/onnx_bench_ml_dtypes_first.json"
 }
 
 gguf_checks() {
@@ -217,6 +226,11 @@ EOF
     local bench=(bench gpu-bench --json --runs 3 --prompt-tokens 120)
     step bench-gpu 90 "${INFERNO[@]}" --set 'backends.gguf.gpu_layers="all"' "${bench[@]}" \
         --tokens 128 | tee "$WORK/bench_gpu.json"
+    # llama.cpp's own account of the same load (Inferno reads it from the log it captures).
+    step llama-offload 60 "$PY" -c 'import sys, llama_cpp
+llama_cpp.Llama(sys.argv[1], n_gpu_layers=-1, n_ctx=512, verbose=True)' \
+        "$WORK/model-q4_k_m.gguf" 2>&1 | grep -E '^\[|offload|model buffer|KV buffer|using device' \
+        | tee "$WORK/llama_offload.txt"
     # CPU only: the GPU hidden, or llama.cpp would still send big prompt batches to it.
     step bench-cpu 150 env CUDA_VISIBLE_DEVICES= "${INFERNO[@]}" --set 'backends.gguf.gpu_layers=0' \
         "${bench[@]}" --tokens 64 | tee "$WORK/bench_cpu.json"
@@ -268,6 +282,10 @@ summary = {
     "bench_gpu_f16": load("bench_gpu_f16.json"),
     "onnxruntime": load("ort.json"), "onnx_registry_reachable": None,
     "onnx_providers": load("onnx_providers.json"), "onnx_bench": load("onnx_bench.json"),
+    "onnx_bench_ml_dtypes_first": load("onnx_bench_ml_dtypes_first.json"),
+    "llama_offload_log": [line for line in (work / "llama_offload.txt").read_text().splitlines()
+                          if not line.startswith("[")]
+    if (work / "llama_offload.txt").exists() else None,
 }
 registry = load("registry.json")
 if registry is not None:
