@@ -707,3 +707,16 @@ async def test_an_embedding_input_longer_than_the_context_is_a_request_error(
 async def test_embedding_inputs_must_be_a_list_of_strings(gemma: GgufModel) -> None:
     with pytest.raises(RequestError, match="list of strings"):
         await gemma.embed("hello")  # type: ignore[arg-type]
+
+
+def test_the_offload_count_survives_the_log_lines_after_it() -> None:
+    from inferno.plugins.backends.gguf import LlamaLog
+
+    log = LlamaLog()
+    log.start_load()
+    log._receive(1, b"load_tensors: offloaded 17/17 layers to GPU\n", None)
+    for index in range(1000):  # a CUDA load logs hundreds of lines after the count
+        log._receive(1, f"llama_context: line {index}\n".encode(), None)
+    assert log.offloaded() == (17, 17)
+    log.start_load()
+    assert log.offloaded() is None

@@ -9,6 +9,7 @@ captured so a refused file is reported with llama.cpp's reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -20,6 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 try:
+    # A CUDA build of llama.cpp, once loaded, makes the later first import of ml_dtypes
+    # (which onnx imports) crash the process; importing it first avoids that.
+    with contextlib.suppress(ImportError):
+        import ml_dtypes  # noqa: F401
     import llama_cpp
 except ImportError as exc:  # the profile names this backend, so say how to get it
     raise ImportError(f"the gguf backend needs llama-cpp-python ({exc.msg}): "
@@ -112,18 +117,29 @@ def option_problem(key: str, value: Any) -> str | None:
 
 
 class LlamaLog:
-    """llama.cpp's log, routed to Inferno's logger; keeps the lines of the current load."""
+    """llama.cpp's log during a load: the lines that explain a refusal, and the offload count."""
 
     def __init__(self) -> None:
         self.lines: deque[str] = deque(maxlen=400)
         self.lock = threading.Lock()  # llama.cpp has one process-wide log callback
         self._callback = llama_cpp.llama_log_callback(self._receive)
+        self._offloaded: tuple[int, int] | None = None
 
     def install(self) -> None:
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
 
+    def start_load(self) -> None:
+        self.lines.clear()
+        self._offloaded = None
+
     def _receive(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        self.lines.append(text.decode("utf-8", errors="replace"))
+        line = text.decode("utf-8", errors="replace")
+        self.lines.append(line)
+        if "offloaded" in line and "layers to GPU" in line:
+            # Kept as it arrives: on a GPU the hundreds of lines after it would push it out.
+            done, _, total = line.split("offloaded", 1)[1].split("layers")[0].partition("/")
+            with contextlib.suppress(ValueError):
+                self._offloaded = int(done), int(total)
 
     def reason(self) -> str:
         """The last error lines llama.cpp wrote, joined."""
@@ -134,11 +150,7 @@ class LlamaLog:
 
     def offloaded(self) -> tuple[int, int] | None:
         """``(offloaded, total)`` layers from the load's ``offloaded N/M layers`` line."""
-        for line in reversed(self.lines):
-            if "offloaded" in line and "layers to GPU" in line:
-                done, _, total = line.split("offloaded", 1)[1].split("layers")[0].partition("/")
-                return int(done), int(total)
-        return None
+        return self._offloaded
 
 
 _LOG = LlamaLog()
@@ -242,7 +254,7 @@ class GgufBackend(Backend):
             kwargs.update(embedding=True, n_batch=context, n_ubatch=context,
                           pooling_type=pooling(options, spec.metadata))
         with _LOG.lock:
-            _LOG.lines.clear()
+            _LOG.start_load()
             try:
                 llama = llama_cpp.Llama(**kwargs)
             except (ValueError, RuntimeError, OSError) as exc:
