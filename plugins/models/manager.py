@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ from inferno.kernel import (
     KernelHandle,
     LoadedModel,
     ModelSpec,
-    Reservation,
     ResourceExhausted,
 )
 from inferno.kernel.resources import parse_amount
@@ -43,52 +40,7 @@ from .events import ModelFailed, ModelLoaded, ModelLoading, ModelSwapped, ModelU
 from .formats import ModelFile, describe
 from .integrity import ChecksumCache
 from .registry import Entry, Registry
-
-
-@dataclass(frozen=True)
-class Stamp:
-    """What identifies one version of a file on disk."""
-
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: Path) -> Stamp:
-        st = path.stat()
-        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
-
-    @property
-    def id(self) -> str:
-        return f"{self.mtime_ns:x}-{self.size:x}"
-
-
-@dataclass(eq=False)
-class Version:
-    """One loaded file of a model."""
-
-    entry: Entry
-    path: Path
-    stamp: Stamp
-    model: LoadedModel
-    reservation: Reservation
-    backend: str
-    loaded_at: float = field(default_factory=time.time)
-    inflight: int = 0
-    retired: bool = False
-
-
-@dataclass(eq=False)
-class Resident:
-    """A model that is loaded: its current version and what it needs to stay or go."""
-
-    name: str
-    current: Version
-    keep_alive: float
-    last_used: float = field(default_factory=time.monotonic)
-    timer: asyncio.TimerHandle | None = None
-    previous: Path | None = None
-    rejected: Stamp | None = None  # a file version that failed or was rolled back from
+from .residents import Resident, Stamp, Version, keep_version
 
 
 class ModelManager:
@@ -219,7 +171,7 @@ class ModelManager:
         version = await self._load_version(entry, path)
         resident = Resident(entry.name, version, self._keep_alive_of(entry))
         self.residents[entry.name] = resident
-        self._keep(resident, path)
+        keep_version(self.versions_dir, resident, path, self.log)
         return resident
 
     async def _load_version(self, entry: Entry, path: Path, stage: str = "load") -> Version:
@@ -377,23 +329,6 @@ class ModelManager:
 
     # ------------------------------------------------------------------ versions
 
-    def _keep(self, resident: Resident, path: Path) -> Path | None:
-        """Keep the loaded file under a second name (a hard link: no copy) for rollback."""
-        folder = self.versions_dir / resident.name
-        kept = folder / f"{resident.current.stamp.id}{path.suffix}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if not kept.exists():
-                os.link(path, kept)
-        except OSError as exc:
-            self.log.debug("cannot keep this version for rollback", model=resident.name,
-                           reason=exc.strerror)
-            return None
-        for old in folder.iterdir():  # only the current and the previous version stay
-            if old not in (kept, resident.previous):
-                old.unlink(missing_ok=True)
-        return kept
-
     async def check_files(self) -> list[str]:
         """Swap every loaded model whose file changed; the names swapped."""
         swapped = []
@@ -441,7 +376,7 @@ class ModelManager:
             resident.previous = kept_old if kept_old.exists() else None
             resident.current = new
             if not rollback:
-                self._keep(resident, path)
+                keep_version(self.versions_dir, resident, path, self.log)
             old.retired = True
             if old.inflight == 0:
                 await self._close(old, "replaced")
