@@ -76,6 +76,8 @@ def test_models_list_shows_formats_and_unavailable_models(tmp_path: Path, tiny: 
     assert rows["tiny"]["size"] == tiny.stat().st_size
     assert "not_installed_pkg" in rows["ghost"]["unavailable"]
     assert rows["minilm"]["format"] == "onnx"  # the edge profile's demo models too
+    assert rows["minilm"]["description"].startswith("all-MiniLM-L6-v2")
+    assert rows["tiny"]["description"] is None
 
 
 def test_add_info_verify_remove(tmp_path: Path, tiny: Path) -> None:

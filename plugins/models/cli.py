@@ -108,6 +108,8 @@ def list_models(as_json: bool) -> None:
     for row in rows:
         state = f"unavailable: {row['unavailable']}" if row["unavailable"] else (
             f"{row['format']:<11} {_human(row['size']):>10}  {row['source']}")
+        if row.get("description"):
+            state += f"  {row['description']}"
         click.echo(f"{row['name']:<{width}}  {state}")
 
 
@@ -121,7 +123,8 @@ def info(name: str, as_json: bool) -> None:
     async def work(manager: ModelManager) -> dict[str, Any]:
         entry = manager.entry(name)
         described = manager.describe(name)
-        return {"name": entry.name, "path": str(described.path), "format": described.format,
+        return {"name": entry.name, "description": entry.description or None,
+                "path": str(described.path), "format": described.format,
                 "size": described.size, "source": entry.source, "aliases": list(entry.aliases),
                 "backend": manager.backend_for(entry, described.format).name,
                 "sha256": entry.sha256 or None, "metadata": dict(described.metadata)}
@@ -133,9 +136,11 @@ def info(name: str, as_json: bool) -> None:
     for key, value in result.items():
         if key == "metadata":
             continue
-        click.echo(f"{key:<9} {value}")
+        click.echo(f"{key:<12} {value}")
     for key, value in result["metadata"].items():
-        shown = json.dumps(value)[:200] if isinstance(value, list | dict | str) else value
+        shown = json.dumps(value) if isinstance(value, list | dict | str) else str(value)
+        if len(shown) > 200:  # a chat template or a graph's inputs: --json has them whole
+            shown = f"{shown[:197]}... ({len(shown)} characters; --json shows all)"
         click.echo(f"  {key:<20} {shown}")
 
 

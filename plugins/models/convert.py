@@ -63,7 +63,7 @@ def quantize_gguf(src: Path, dst: Path, quantization: str, *, threads: int = 0,
     file_type = source.metadata.get("file_type")
     if file_type not in UNQUANTISED_GGUF and file_type is not None and not allow_requantize:
         raise ModelFileError(src, f"already quantised ({file_type}); quantise the F16 or F32 "
-                                  "original, or allow requantising")
+                                  "original, or allow requantising (inferno convert --requantize)")
     report = progress or _ignore
     report(f"quantising {src} ({_size(source.size)}, {file_type or 'unknown type'}) to {name} "
            f"with llama.cpp")
@@ -138,7 +138,8 @@ def _staged(src: Path, dst: Path, overwrite: bool) -> Iterator[Path]:
     if dst.is_dir():
         raise ModelFileError(dst, "is a directory; give the path of the file to write")
     if dst.exists() and not overwrite:
-        raise ModelFileError(dst, "already exists; choose another path or allow overwriting")
+        raise ModelFileError(dst, "already exists; choose another path or allow overwriting "
+                                  "(inferno convert --overwrite)")
     if not dst.parent.is_dir():
         raise ModelFileError(dst, f"cannot be written: the folder {dst.parent} does not exist")
     # Named, not created: the converter creates it, with the permissions any new file gets
@@ -147,7 +148,7 @@ def _staged(src: Path, dst: Path, overwrite: bool) -> Iterator[Path]:
         yield staging
         if dst.exists() and not overwrite:  # written by someone else while we worked
             raise ModelFileError(dst, "appeared while converting; choose another path or "
-                                      "allow overwriting")
+                                      "allow overwriting (inferno convert --overwrite)")
         os.replace(staging, dst)
     finally:
         staging.unlink(missing_ok=True)

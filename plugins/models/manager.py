@@ -113,6 +113,7 @@ class ModelManager:
             rows.append({
                 "name": name, "path": str(entry.path) if entry.path else None,
                 "source": entry.source, "aliases": list(entry.aliases),
+                "description": entry.description or None,
                 "loaded": resident is not None,
                 "version": resident.current.stamp.id if resident else None,
                 "inflight": resident.current.inflight if resident else 0,
