@@ -720,3 +720,13 @@ def test_the_offload_count_survives_the_log_lines_after_it() -> None:
     assert log.offloaded() == (17, 17)
     log.start_load()
     assert log.offloaded() is None
+
+
+def test_a_quantised_kv_cache_without_flash_attention_is_a_configuration_error(
+        make_kernel: Callable[..., Kernel]) -> None:
+    from inferno.kernel import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backends.gguf.kv_cache_type: a quantised KV cache "
+                                          r"\(q8_0\) needs flash_attention = true"):
+        make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0"}}})
+    make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0", "flash_attention": True}}})

@@ -94,6 +94,10 @@ VALIDATORS = [
               messages={"condition": "gpu_layers must be 'auto', 'all' or a number of layers "
                                      "≥ 0, got {value!r}"}),
     *(Validator(key, is_in=sorted(choices)) for key, choices in CHOICES.items()),
+    # llama.cpp quantises the V cache only inside its flash-attention kernels.
+    Validator("kv_cache_type", is_in=["f16", "f32"], when=Validator("flash_attention", eq=False),
+              messages={"operations": "a quantised KV cache ({value}) needs flash_attention = "
+                                      "true"}),
 ]
 
 
