@@ -710,16 +710,37 @@ async def test_embedding_inputs_must_be_a_list_of_strings(gemma: GgufModel) -> N
 
 
 def test_the_offload_count_survives_the_log_lines_after_it() -> None:
-    from inferno.plugins.backends.gguf import LlamaLog
+    from inferno.plugins.backends import llama_log
 
-    log = LlamaLog()
-    log.start_load()
-    log._receive(1, b"load_tensors: offloaded 17/17 layers to GPU\n", None)
-    for index in range(1000):  # a CUDA load logs hundreds of lines after the count
-        log._receive(1, f"llama_context: line {index}\n".encode(), None)
-    assert log.offloaded() == (17, 17)
-    log.start_load()
-    assert log.offloaded() is None
+    count, offloaded = llama_log.offload_counter()
+    with llama_log.capture(count) as log:
+        log.callback(1, b"load_tensors: offloaded 17/17 layers to GPU\n", None)
+        for index in range(1000):  # a CUDA load logs hundreds of lines after the count
+            log.callback(1, f"llama_context: line {index}\n".encode(), None)
+    assert offloaded() == (17, 17)
+    assert len(log.lines) == 1001
+
+
+def test_a_capture_keeps_this_threads_lines_and_restores_the_previous_callback() -> None:
+    import ctypes
+
+    from inferno.plugins.backends import llama_log
+
+    def current() -> int | None:
+        callback = llama_cpp.llama_log_callback()
+        llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(ctypes.c_void_p()))
+        return ctypes.cast(callback, ctypes.c_void_p).value
+
+    before = current()
+    with llama_log.capture() as log:
+        assert current() != before
+        log.callback(3, b"llama_model_load: error loading model: bad magic\n", None)
+        other = threading.Thread(target=log.callback, args=(1, b"another load\n", None))
+        other.start()
+        other.join()
+    assert current() == before
+    assert log.lines == ["llama_model_load: error loading model: bad magic"]
+    assert log.reason() == "llama_model_load: error loading model: bad magic"
 
 
 def test_a_quantised_kv_cache_without_flash_attention_is_a_configuration_error(

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import functools
-import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,7 +32,7 @@ from inferno.kernel import Backend, ConfigSpec, ModelSpec, hookimpl
 from inferno.plugins.models.errors import ModelError
 from inferno.plugins.models.formats import describe
 
-from . import hardware
+from . import hardware, llama_log
 from .gguf_model import GgufModel
 
 KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16,
@@ -120,46 +117,6 @@ def option_problem(key: str, value: Any) -> str | None:
     return None if ok else f"option {key} = {value!r} is invalid (default {default!r})"
 
 
-class LlamaLog:
-    """llama.cpp's log during a load: the lines that explain a refusal, and the offload count."""
-
-    def __init__(self) -> None:
-        self.lines: deque[str] = deque(maxlen=400)
-        self.lock = threading.Lock()  # llama.cpp has one process-wide log callback
-        self._callback = llama_cpp.llama_log_callback(self._receive)
-        self._offloaded: tuple[int, int] | None = None
-
-    def install(self) -> None:
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def start_load(self) -> None:
-        self.lines.clear()
-        self._offloaded = None
-
-    def _receive(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        line = text.decode("utf-8", errors="replace")
-        self.lines.append(line)
-        if "offloaded" in line and "layers to GPU" in line:
-            # Kept as it arrives: on a GPU the hundreds of lines after it would push it out.
-            done, _, total = line.split("offloaded", 1)[1].split("layers")[0].partition("/")
-            with contextlib.suppress(ValueError):
-                self._offloaded = int(done), int(total)
-
-    def reason(self) -> str:
-        """The last error lines llama.cpp wrote, joined."""
-        # Only the failure lines: a key such as "unknown_token_id" in the metadata dump is no reason
-        errors = [line.strip() for line in self.lines
-                  if any(w in line.lower() for w in ("error", "failed", "invalid", "requires"))]
-        return "; ".join(dict.fromkeys(errors)) or "llama.cpp gave no reason"
-
-    def offloaded(self) -> tuple[int, int] | None:
-        """``(offloaded, total)`` layers from the load's ``offloaded N/M layers`` line."""
-        return self._offloaded
-
-
-_LOG = LlamaLog()
-
-
 class GgufBackend(Backend):
     """Loads GGUF files with llama-cpp-python."""
 
@@ -171,7 +128,6 @@ class GgufBackend(Backend):
         return ConfigSpec(defaults=DEFAULTS, validators=VALIDATORS)
 
     async def start(self) -> None:
-        _LOG.install()
         self.log.debug("llama.cpp ready", gpu_offload=llama_cpp.llama_supports_gpu_offload(),
                        physical_cores=hardware.physical_cores())
 
@@ -257,14 +213,14 @@ class GgufBackend(Backend):
         if embedding:
             kwargs.update(embedding=True, n_batch=context, n_ubatch=context,
                           pooling_type=pooling(options, spec.metadata))
-        with _LOG.lock:
-            _LOG.start_load()
+        count_offload, offloaded = llama_log.offload_counter()
+        with llama_log.capture(count_offload) as log:
             try:
                 llama = llama_cpp.Llama(**kwargs)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ModelError(spec.name, f"llama.cpp could not load {spec.path}: "
-                                            f"{_LOG.reason()} ({exc})") from None
-            return llama, _LOG.offloaded()
+                                            f"{log.reason()} ({exc})") from None
+        return llama, offloaded()
 
 
 def file_metadata(spec: ModelSpec) -> Mapping[str, Any]:

@@ -12,11 +12,9 @@ import ctypes
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from .errors import ModelFileError, RequestError
 from .formats import ModelFile, describe
@@ -53,6 +51,8 @@ def quantize_gguf(src: Path, dst: Path, quantization: str, *, threads: int = 0,
     """
     import llama_cpp
 
+    from inferno.plugins.backends.llama_log import capture
+
     choices = gguf_quantizations()
     name = quantization.strip().upper()
     ftype = choices.get(name)
@@ -72,7 +72,7 @@ def quantize_gguf(src: Path, dst: Path, quantization: str, *, threads: int = 0,
     params.ftype = ftype
     params.nthread = threads
     params.allow_requantize = allow_requantize
-    with _staged(src, dst, overwrite) as staging, _llama_log(_tensor_reporter(report)) as log:
+    with _staged(src, dst, overwrite) as staging, capture(_tensor_reporter(report)) as log:
         failed = llama_cpp.llama_model_quantize(
             os.fsencode(src), os.fsencode(staging), ctypes.byref(params))
         if failed:
@@ -165,65 +165,6 @@ def _size(size: int) -> str:
 
 def _ignore(_line: str) -> None:
     pass
-
-
-# --------------------------------------------------------------------------- llama.cpp's log
-
-
-class _LlamaLog:
-    """The lines llama.cpp logs from this thread; other threads' lines (a model loading
-    elsewhere in the process) go on to whoever listened before."""
-
-    def __init__(self, on_line: Callable[[str], None], previous: Any, previous_data: Any) -> None:
-        import llama_cpp
-
-        self.lines: list[str] = []
-        self.failure: BaseException | None = None
-        self._pending = ""
-        self._on_line = on_line
-        self._previous, self._previous_data = previous, previous_data
-        self._thread = threading.get_ident()
-        self.callback = llama_cpp.llama_log_callback(self._receive)
-
-    def _receive(self, level: int, text: bytes, user_data: Any) -> None:
-        if threading.get_ident() != self._thread:
-            if self._previous:
-                self._previous(level, text, self._previous_data)
-            return
-        self._pending += text.decode("utf-8", errors="replace")
-        *complete, self._pending = self._pending.split("\n")
-        for line in complete:
-            self.lines.append(line)
-            if self.failure is None:
-                try:
-                    self._on_line(line)
-                except BaseException as error:  # ctypes would swallow it: re-raised on return
-                    self.failure = error
-
-    def reason(self) -> str:
-        """What llama.cpp said went wrong, from its last lines."""
-        errors = [line.strip() for line in self.lines[-50:]
-                  if re.search(r"\b(error|failed)\b", line, re.IGNORECASE)]
-        if not errors and self.lines:
-            errors = [self.lines[-1].strip()]
-        return "; ".join(dict.fromkeys(errors)) or "llama.cpp gave no reason"
-
-
-@contextlib.contextmanager
-def _llama_log(on_line: Callable[[str], None]) -> Iterator[_LlamaLog]:
-    """Route llama.cpp's process-wide log through ``on_line`` for the block, then restore it."""
-    import llama_cpp
-
-    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-    log = _LlamaLog(on_line, previous, previous_data)
-    llama_cpp.llama_log_set(log.callback, ctypes.c_void_p(0))
-    try:
-        yield log
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
-    if log.failure is not None:
-        raise log.failure
 
 
 def _tensor_reporter(report: Progress) -> Callable[[str], None]:
