@@ -12,103 +12,20 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import click
 import tomli_w
 
 from .assembly import enabled_drivers
-from .config import Layers, load_settings, masked, profile_chain, read_toml, shipped_profiles
+from .cli_state import CliState, global_options, protocol_option
+from .config import load_settings, masked, read_toml, shipped_profiles
 from .contracts import HOOK_PLUGIN_GROUP
 from .errors import InfernoError
 from .kernel import Kernel
 from .loader import GROUPS, PluginEntry, call_for, discover, load, make_plugin_manager
 from .logs import configure_logging
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass
-class CliState:
-    """The global options, and the kernel they describe (built on first use).
-
-    A plugin's command reaches it with
-    ``click.get_current_context().find_object(CliState)``; its tests can hand
-    one a ready kernel with ``CliState.for_kernel(kernel)``.
-    """
-
-    profile: str = "edge"
-    config_file: str | None = None
-    sets: list[str] = field(default_factory=list)
-    preset: Kernel | None = None
-    _built: dict[tuple[str, str | None, tuple[str, ...]], Kernel] = field(default_factory=dict)
-
-    @classmethod
-    def for_kernel(cls, kernel: Kernel) -> CliState:
-        return cls(preset=kernel)
-
-    def kernel(self) -> Kernel:
-        """The configured kernel for the options as they stand now (raises ``ConfigError``)."""
-        if self.preset is not None:
-            return self.preset
-        key = (self.profile, self.config_file, tuple(self.sets))
-        if key not in self._built:
-            self.log_like_profile()
-            self._built[key] = Kernel.from_profile(self.profile, config_file=self.config_file,
-                                                   sets=self.sets).configure()
-        return self._built[key]
-
-    def layers(self) -> Layers:
-        files = profile_chain(self.profile)
-        if self.config_file:
-            files.append(Path(self.config_file).expanduser().resolve())
-        return Layers(files=files, sets=tuple(self.sets))
-
-    def log_like_profile(self) -> None:
-        """Log as the profile says from the start, so that even what happens while it is
-        loaded (warnings, traced hooks) comes out in its format and level."""
-        try:
-            section = load_settings(self.layers(), defaults={}).data.get("logging", {})
-            configure_logging(section.get("format", "console"), section.get("level", "info"),
-                              section.get("levels", {}))
-        except (InfernoError, KeyError, TypeError, AttributeError):
-            pass  # the configuration itself will report what is wrong
-
-
-def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    def callback(ctx: click.Context, _: click.Parameter, value: Any) -> Any:
-        state = ctx.ensure_object(CliState)
-        if name == "sets":
-            state.sets.extend(value or ())
-        elif value is not None:
-            setattr(state, name, value)
-        return value
-    return callback
-
-
-def global_options(command: F) -> F:
-    """``--profile``, ``--config`` and ``--set``, accepted on the group and every subcommand.
-
-    Works on a function or on an existing click command (plugins' commands get them
-    this way), so that the options can follow the command's name.
-    """
-    options = [
-        click.option("--profile", "-p", "profile", metavar="NAME|PATH", expose_value=False,
-                     callback=_remember("profile"), envvar="INFERNO_PROFILE",
-                     help="A shipped profile name or a profile file (default: edge)."),
-        click.option("--config", "-c", metavar="FILE", expose_value=False,
-                     callback=_remember("config_file"), envvar="INFERNO_CONFIG",
-                     help="A user configuration file layered over the profile."),
-        click.option("--set", "-s", "sets", metavar="SECTION.KEY=VALUE", multiple=True,
-                     expose_value=False, callback=_remember("sets"),
-                     help="Override one key; repeatable. The value is parsed as TOML."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 class InfernoGroup(click.Group):
@@ -178,6 +95,7 @@ def _with_following_options(state: CliState, args: Sequence[str]) -> CliState:
 @click.group(cls=InfernoGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
 @global_options
+@protocol_option
 @click.version_option(package_name="inferno", prog_name="inferno")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -191,6 +109,7 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command()
 @global_options
+@protocol_option
 @click.pass_obj
 def serve(state: CliState) -> None:
     """Start the profile's plugins and serve until SIGINT or SIGTERM."""
@@ -394,4 +313,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="inferno")
 
 
-__all__ = ["GROUPS", "CliState", "cli", "main"]
+__all__ = ["GROUPS", "CliState", "cli", "global_options", "main", "protocol_option"]

@@ -60,6 +60,10 @@ class KernelHandle(TypingProtocol):
     def service(self, name: str) -> Any:
         """What a plugin offered under ``name``; ``LookupError`` naming those offered if none."""
 
+    def shutdown(self, reason: str) -> None:
+        """Stop serving as SIGTERM would: drain, then stop every plugin (for a protocol whose
+        input ended, like the stdin pipeline at end of file)."""
+
 
 @dataclass(frozen=True)
 class DriverContext:

@@ -58,6 +58,8 @@ class Kernel:
         self.bus = EventBus(log=get_logger("bus"))
         self._resources: ResourceManager | None = None
         self._services: dict[str, object] = {}
+        self._stop_reasons: list[str] = []
+        self._stop_requested = asyncio.Event()
 
     @classmethod
     def from_profile(cls, profile: str = "edge", *, config_file: str | Path | None = None,
@@ -265,11 +267,17 @@ class Kernel:
         finally:
             await self.stop()
 
+    def shutdown(self, reason: str) -> None:
+        """Make ``serve`` stop as SIGTERM would (for a protocol whose input ended)."""
+        self._stop_reasons.append(reason)
+        self._stop_requested.set()
+
     async def serve(self) -> int:
-        """Run until SIGINT or SIGTERM, then shut down gracefully; a second signal forces."""
+        """Run until SIGINT or SIGTERM (or ``shutdown``), then shut down gracefully; a second
+        signal forces."""
         loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        reasons: list[str] = []
+        stop_requested = self._stop_requested
+        reasons = self._stop_reasons
 
         def on_signal(signum: signal.Signals) -> None:
             reasons.append(f"signal {signum.name}")

@@ -122,6 +122,10 @@ class TextModel(OnnxModel):
         self.tokenizer = tokenizer
         super().__init__(session, {**info, "max_length": length})
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes as this model reads it (after truncation), for usage counts."""
+        return len(self.tokenizer.encode(text).ids)
+
     def texts(self, inputs: Any) -> list[str]:
         """``inputs`` as a list of strings, or a ``RequestError`` saying which is not one."""
         if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):

@@ -1,0 +1,152 @@
+"""What flows through the pipeline: a :class:`Call` in, a :class:`Reply` out.
+
+A call is protocol-neutral: ``operation`` names what is asked (``chat``,
+``completion``, ``embeddings``, ``models.list`` ...) and ``body`` holds the fields
+in the OpenAI API's shape, whichever protocol carried them. A reply is either a
+value (:class:`ValueReply`) or a stream of :class:`Delta` ending in a
+:class:`Final` (:class:`StreamReply`); a client that wants no stream collects it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from inferno.kernel import Credentials, Principal
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+@dataclass
+class Call:
+    """One request on its way through the middlewares to the gateway."""
+
+    operation: str
+    body: Mapping[str, Any] = field(default_factory=dict)
+    #: Which protocol carried it: ``http``, ``ollama``, ``websocket``, ``stdin``.
+    protocol: str = ""
+    id: str = field(default_factory=new_id)
+    credentials: Credentials = field(default_factory=lambda: Credentials(headers={}))
+    #: Set by an authentication middleware; ``None`` while nobody vouched for the caller.
+    principal: Principal | None = None
+    received: float = field(default_factory=time.perf_counter)
+    #: Scratch space for middlewares (a cache key, a span, a rate-limit bucket).
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str | None:
+        value = self.body.get("model")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    #: The arguments as a JSON text, as OpenAI's API carries them.
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text the model produced since the last delta."""
+
+    text: str
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Final:
+    """The end of a generation: why it stopped, what it cost, and any tool calls."""
+
+    finish_reason: str
+    usage: Mapping[str, Any]
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+class Reply(Protocol):
+    """What a call returns. ``model`` is the model's registered name."""
+
+    model: str
+    created: int
+
+
+@dataclass
+class ValueReply:
+    """A complete answer: a model list, embeddings, a status."""
+
+    value: Any
+    model: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class StreamReply:
+    """A generation: iterate for :class:`Delta` items and a last :class:`Final`.
+
+    ``start()`` waits for the request's turn and the model's first output, so that an
+    error found only then (a prompt too long for the context) can still be answered
+    with a status before a protocol commits to a stream; iterating starts it if needed.
+    ``aclose()`` (or leaving the iteration) cancels the generation within a decode step.
+    """
+
+    def __init__(self, model: str, events: AsyncIterator[Delta | Final], *,
+                 kind: str = "chat") -> None:
+        self.model = model
+        self.kind = kind
+        self.created = int(time.time())
+        self._events = events
+        self._first: Delta | Final | None = None
+        self._started = False
+        self.final: Final | None = None
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._first = await anext(self._events, None)
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Final]:
+        await self.start()
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield self._remember(first)
+        async for event in self._events:
+            yield self._remember(event)
+
+    def _remember(self, event: Delta | Final) -> Delta | Final:
+        if isinstance(event, Final):
+            self.final = event
+        return event
+
+    async def collect(self) -> tuple[str, Final]:
+        """The whole text and the final event."""
+        parts = []
+        async for event in self:
+            if isinstance(event, Delta):
+                parts.append(event.text)
+        assert self.final is not None, "a generation always ends with a Final event"
+        return "".join(parts), self.final
+
+    async def aclose(self) -> None:
+        close = getattr(self._events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+class Middleware(Protocol):
+    """Wraps every call: ``return await handler(call)`` to go on, raise ``ApiError`` to refuse.
+
+    ``order`` places it: lower runs first (outermost). Inferno's own use 100
+    (observability), 200 (authentication), 300 (rate limits), 400 (the response cache).
+    """
+
+    order: int
+
+    async def __call__(self, call: Call, handler: Handler) -> Any: ...

@@ -1,0 +1,276 @@
+"""The gateway: one pipeline for every protocol.
+
+``await gateway.run(call)`` passes the call through the middlewares plugins
+contribute (``inferno_request_middleware``), then to the operation it names.
+Generation replies are lazy: ``run`` returns once the request is checked and has
+its place in the model's queue; the turn, the model and the tokens come while the
+reply is iterated.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+import structlog
+
+from inferno.kernel import GenerationRequest, KernelHandle
+
+from .bodies import EmbeddingPlan, GenerationPlan, parse_chat, parse_completion, parse_embeddings
+from .calls import Call, Delta, Final, Handler, Middleware, StreamReply, ValueReply
+from .errors import ApiError, invalid
+from .queues import Queues
+from .tools import rewrite_turns
+
+Operation = Callable[[Call], Awaitable[Any]]
+
+
+class Gateway:
+    """Runs calls; offered to protocols as ``kernel.service("gateway")``."""
+
+    def __init__(self, kernel: KernelHandle, config: Mapping[str, Any],
+                 middlewares: list[Middleware], log: structlog.typing.FilteringBoundLogger
+                 ) -> None:
+        self.kernel = kernel
+        self.config = config
+        self.log = log
+        self.started = time.time()
+        self.queues = Queues(concurrency=int(config["concurrency"]),
+                             limit=int(config["queue_limit"]),
+                             timeout=float(config["queue_timeout"]),
+                             retry_after=float(config["retry_after"]))
+        self.middlewares = sorted(middlewares, key=lambda m: getattr(m, "order", 500))
+        self.operations: dict[str, Operation] = {
+            "chat": self._chat, "completion": self._completion, "embeddings": self._embeddings,
+            "models.list": self._models_list, "models.get": self._models_get,
+            "models.load": self._models_load, "models.unload": self._models_unload,
+            "models.rollback": self._models_rollback, "status": self._status,
+        }
+        self._chain: Handler = self._build_chain()
+
+    # ------------------------------------------------------------------ pipeline
+
+    def add_operation(self, name: str, operation: Operation) -> None:
+        """Let a plugin serve a new operation through the same middlewares."""
+        if name in self.operations:
+            raise ValueError(f"operation {name!r} is already served")
+        self.operations[name] = operation
+
+    async def run(self, call: Call) -> Any:
+        """The call's reply, or ``ApiError`` (any other exception is a bug, logged by the
+        protocol that turns it into a 500)."""
+        async with self.kernel.admit():
+            return await self._chain(call)
+
+    def _build_chain(self) -> Handler:
+        handler: Handler = self._dispatch
+        for middleware in reversed(self.middlewares):
+            handler = _wrap(middleware, handler)
+        return handler
+
+    async def _dispatch(self, call: Call) -> Any:
+        operation = self.operations.get(call.operation)
+        if operation is None:
+            raise ApiError(404, f"unknown operation {call.operation!r}; known: "
+                                f"{', '.join(sorted(self.operations))}", code="unknown_operation")
+        return await operation(call)
+
+    @property
+    def models(self) -> Any:
+        return self.kernel.service("models")
+
+    # ------------------------------------------------------------------ generation
+
+    async def _chat(self, call: Call) -> StreamReply:
+        return await self.generate(call, parse_chat(call.body))
+
+    async def _completion(self, call: Call) -> StreamReply:
+        return await self.generate(call, parse_completion(call.body))
+
+    async def generate(self, call: Call, plan: GenerationPlan) -> StreamReply:
+        """Check the plan, take a place in the model's queue and return the lazy reply."""
+        entry = self.models.entry(plan.model)  # ModelNotFound → 404 before any queueing
+        if entry.unavailable:
+            raise ApiError(503, f"model {entry.name!r} is unavailable: {entry.unavailable}",
+                           param="model", code="model_unavailable")
+        call.state["plan"] = plan
+        params = dict(plan.params)
+        messages = plan.messages
+        if plan.tools is not None and plan.tools.active and messages is not None:
+            messages = plan.tools.prepare(messages)
+            params["response_format"], params["schema"] = "json_schema", plan.tools.schema()
+        elif messages is not None:
+            messages = rewrite_turns(messages)
+        request = GenerationRequest(request_id=call.id, prompt=plan.prompt, messages=messages,
+                                    params=params)
+        ticket = self.queues.enter(entry.name)
+        events = self._generate(entry.name, plan, request, ticket)
+        return StreamReply(entry.name, events, kind=plan.kind)
+
+    async def _generate(self, model: str, plan: GenerationPlan, request: GenerationRequest,
+                        ticket: Any) -> AsyncIterator[Delta | Final]:
+        try:
+            async with AsyncExitStack() as stack:
+                waited = await stack.enter_async_context(ticket.turn())
+                loading = time.perf_counter()
+                loaded = await stack.enter_async_context(
+                    self.models.use(model, keep_alive=plan.keep_alive))
+                load_seconds = time.perf_counter() - loading
+                tools = plan.tools if plan.tools is not None and plan.tools.active else None
+                parts: list[str] = []
+                generation = loaded.generate(request)
+                stack.push_async_callback(generation.aclose)
+                async for chunk in generation:
+                    if chunk.text:
+                        if tools is not None:
+                            parts.append(chunk.text)  # a tool answer is one JSON value
+                        else:
+                            yield Delta(chunk.text, chunk.tokens)
+                    if chunk.finish_reason is not None:
+                        usage = {**(chunk.usage or {}), "queue_seconds": round(waited, 6),
+                                 "load_seconds": round(load_seconds, 6)}
+                        reason = chunk.finish_reason
+                        if tools is None:
+                            yield Final(reason, usage)
+                            return
+                        content, calls = tools.parse("".join(parts))
+                        if content:
+                            yield Delta(content)
+                        yield Final("tool_calls" if calls else reason, usage, calls)
+                        return
+                raise ApiError(500, "the backend ended without a final chunk",
+                               code="internal_error")
+        finally:
+            ticket.release()
+
+    # ------------------------------------------------------------------ embeddings
+
+    async def _embeddings(self, call: Call) -> ValueReply:
+        plan = parse_embeddings(call.body)
+        entry = self.models.entry(plan.model)
+        call.state["plan"] = plan
+        ticket = self.queues.enter(entry.name)
+        try:
+            async with ticket.turn() as waited, \
+                    self.models.use(entry.name, keep_alive=plan.keep_alive) as loaded:
+                vectors = await loaded.embed(list(plan.inputs))
+                tokens = _count_tokens(loaded, plan.inputs)
+        finally:
+            ticket.release()
+        dimensions = plan.extra.get("dimensions")
+        if dimensions is not None and vectors and dimensions != len(vectors[0]):
+            raise invalid(f"dimensions {dimensions} is not this model's: {entry.name!r} makes "
+                          f"{len(vectors[0])}-dimensional embeddings", "dimensions")
+        return ValueReply(_embedding_result(vectors, plan, tokens, waited), model=entry.name)
+
+    # ------------------------------------------------------------------ models and status
+
+    async def _models_list(self, call: Call) -> ValueReply:
+        return ValueReply(self.models.status())
+
+    async def _models_get(self, call: Call) -> ValueReply:
+        name = _name(call)
+        entry = self.models.entry(name)
+        row = next(r for r in self.models.status() if r["name"] == entry.name)
+        resident = self.models.residents.get(entry.name)
+        details: dict[str, Any] = {**row}
+        if resident is not None:
+            details["info"] = _jsonable(resident.current.model.info)
+        else:
+            try:
+                described = self.models.describe(entry.name)
+                details["format"] = described.format
+                details["size"] = described.size
+                details["metadata"] = _jsonable(described.metadata)
+            except Exception as exc:  # a broken file is shown, not raised
+                details["problem"] = str(exc)
+        return ValueReply(details, model=entry.name)
+
+    async def _models_load(self, call: Call) -> ValueReply:
+        name = _name(call)
+        entry = self.models.entry(name)
+        started = time.perf_counter()
+        resident = await self.models.load(entry.name)
+        keep = call.body.get("keep_alive")
+        if keep is not None:
+            from .bodies import parse_keep_alive
+
+            resident.keep_alive = parse_keep_alive(keep)
+        return ValueReply({"name": entry.name, "loaded": True,
+                           "seconds": round(time.perf_counter() - started, 3),
+                           "info": _jsonable(resident.current.model.info)}, model=entry.name)
+
+    async def _models_unload(self, call: Call) -> ValueReply:
+        name = _name(call)
+        entry = self.models.entry(name)
+        unloaded = await self.models.unload(entry.name)
+        return ValueReply({"name": entry.name, "unloaded": unloaded}, model=entry.name)
+
+    async def _models_rollback(self, call: Call) -> ValueReply:
+        name = _name(call)
+        entry = self.models.entry(name)
+        await self.models.rollback(entry.name)
+        return ValueReply({"name": entry.name, "rolled_back": True}, model=entry.name)
+
+    async def _status(self, call: Call) -> ValueReply:
+        return ValueReply(self.status())
+
+    def status(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        loaded = []
+        for name, resident in sorted(self.models.residents.items()):
+            info = resident.current.model.info
+            loaded.append({"name": name, "format": info.get("format"),
+                           "memory_bytes": info.get("memory_bytes"),
+                           "device": info.get("device"), "inflight": resident.current.inflight,
+                           "keep_alive": resident.keep_alive})
+        return {"version": version("inferno"), "state": self.kernel.state,
+                "uptime_seconds": round(time.time() - self.started, 3), "loaded": loaded,
+                "queues": self.queues.stats()}
+
+
+def _wrap(middleware: Middleware, handler: Handler) -> Handler:
+    async def wrapped(call: Call) -> Any:
+        return await middleware(call, handler)
+    return wrapped
+
+
+def _name(call: Call) -> str:
+    name = call.body.get("model") or call.body.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid("a model name is required", "model")
+    return name
+
+
+def _count_tokens(model: Any, inputs: Any) -> int:
+    counter = getattr(model, "count_tokens", None)
+    if counter is None:
+        return 0
+    return sum(int(counter(text)) for text in inputs)
+
+
+def _embedding_result(vectors: list[list[float]], plan: EmbeddingPlan, tokens: int,
+                      waited: float) -> dict[str, Any]:
+    data = []
+    for index, vector in enumerate(vectors):
+        value: Any = vector
+        if plan.encoding_format == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    return {"data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "queue_seconds": round(waited, 6)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,23 @@
+"""The hook the gateway offers to other plugins (added with ``inferno_add_hookspecs``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from inferno.kernel import KernelHandle
+from inferno.kernel.hookspecs import hookspec
+
+if TYPE_CHECKING:
+    from .calls import Middleware
+
+
+@hookspec
+def inferno_request_middleware(kernel: KernelHandle) -> Middleware | Sequence[Middleware] | None:
+    """Called once when the gateway starts, after every driver but the protocols started.
+
+    Return a middleware (or several) that every call of every protocol passes
+    through: ``async def __call__(call, handler)`` returns ``await handler(call)`` to go
+    on, or raises ``ApiError`` to refuse. Its ``order`` attribute places it (lower runs
+    first; 100 observability, 200 authentication, 300 rate limits, 400 the cache).
+    """

@@ -1,0 +1,63 @@
+"""The ``gateway`` hook plugin: builds the request pipeline and offers it as ``gateway``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pluggy
+from dynaconf import Validator
+
+from inferno.kernel import ConfigSpec, KernelHandle, hookimpl
+from inferno.kernel.logs import get_logger
+
+from . import hookspecs
+
+DEFAULTS: dict[str, Any] = {
+    # Requests one model runs at once; the rest wait in its queue.
+    "concurrency": 1,
+    # Requests that may wait for each model; one more is refused at once (503, Retry-After).
+    "queue_limit": 16,
+    # Seconds a request may wait for its turn before it is refused (503, Retry-After).
+    "queue_timeout": 120.0,
+    # Seconds a refused client is told to wait (the Retry-After header).
+    "retry_after": 2,
+}
+
+
+@hookimpl
+def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
+    if not hasattr(plugin_manager.hook, "inferno_request_middleware") or \
+            plugin_manager.hook.inferno_request_middleware.spec is None:
+        plugin_manager.add_hookspecs(hookspecs)
+
+
+@hookimpl
+def inferno_config_spec() -> ConfigSpec:
+    return ConfigSpec(defaults=DEFAULTS, validators=[
+        Validator("concurrency", gte=1, is_type_of=int),
+        Validator("queue_limit", gte=0, is_type_of=int),
+        Validator("queue_timeout", gt=0),
+        Validator("retry_after", gte=0),
+    ])
+
+
+@hookimpl
+def inferno_lifespan(kernel: KernelHandle) -> AbstractAsyncContextManager[None]:
+    return _serve(kernel)
+
+
+@asynccontextmanager
+async def _serve(kernel: KernelHandle) -> AsyncIterator[None]:
+    from .gateway import Gateway
+
+    config: Mapping[str, Any] = kernel.config["plugins"]["gateway"]
+    middlewares = []
+    for result in kernel.hook.inferno_request_middleware(kernel=kernel):
+        if result is None:
+            continue
+        middlewares.extend(result if isinstance(result, list | tuple) else [result])
+    gateway = Gateway(kernel, config, middlewares, get_logger("gateway"))
+    kernel.provide("gateway", gateway)
+    yield

@@ -1,0 +1,231 @@
+"""What every HTTP route shares: request ids, the error envelope, JSON bodies, calls,
+and streaming a reply with keep-alive lines while it waits for its turn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from inferno.kernel import Credentials
+from inferno.kernel.logs import request_context
+from inferno.plugins.gateway.calls import Call, Delta, Final, StreamReply, new_id
+from inferno.plugins.gateway.errors import ApiError, from_exception
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+JSON = "application/json"
+
+
+@dataclass
+class Server:
+    """What route modules get: the gateway, the HTTP settings and a logger."""
+
+    gateway: Any
+    config: Mapping[str, Any]
+    log: structlog.typing.FilteringBoundLogger
+    kernel: Any
+    #: Requests being served now (for the concurrency limit).
+    active: int = 0
+
+    def call(self, request: web.Request, operation: str, body: Mapping[str, Any],
+             protocol: str = "http") -> Call:
+        return Call(operation=operation, body=body, protocol=protocol,
+                    id=request["request_id"], credentials=credentials(request))
+
+
+def credentials(request: web.Request) -> Credentials:
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    peer = request.remote or ""
+    return Credentials(headers=headers, peer=peer)
+
+
+def error_response(error: ApiError, request_id: str = "") -> web.Response:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return web.json_response(error.envelope(), status=error.status, headers=headers)
+
+
+def envelope_middleware(server: Server) -> Any:
+    """Request ids bound into every log line and echoed; every failure in the OpenAI error
+    envelope; a 500 only for a bug, logged with its traceback."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request],
+                                                                 Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        given = request.headers.get("X-Request-ID", "")
+        request["request_id"] = given if _REQUEST_ID.match(given) else new_id()
+        with request_context(request["request_id"], method=request.method,
+                             path=request.path):
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                return error_response(exc, request["request_id"])
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return error_response(_http_error(exc, request), request["request_id"])
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as exc:
+                error = from_exception(exc)
+                if error.status >= 500 and not isinstance(exc, ApiError):
+                    server.log.exception("request failed", error=str(exc))
+                return error_response(error, request["request_id"])
+            if not response.prepared:
+                response.headers["X-Request-ID"] = request["request_id"]
+            return response
+
+    return middleware
+
+
+def limit_middleware(server: Server) -> Any:
+    """At most ``max_concurrent`` requests at once; one more gets 503 with Retry-After."""
+    limit = int(server.config["max_concurrent"])
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request],
+                                                                 Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        if request.path.startswith("/health/"):
+            return await handler(request)
+        if server.active >= limit:
+            raise ApiError(503, f"the server is serving {limit} requests, the most it takes at "
+                                f"once (protocols.http.max_concurrent); try again later",
+                           code="server_busy", retry_after=1)
+        server.active += 1
+        try:
+            return await handler(request)
+        finally:
+            server.active -= 1
+
+    return middleware
+
+
+def _http_error(exc: web.HTTPException, request: web.Request) -> ApiError:
+    if exc.status == 413:
+        return ApiError(413, f"the request body is larger than this server accepts "
+                             f"({request.app['max_body_size']} bytes, "
+                             f"protocols.http.max_body_size)", code="body_too_large")
+    if exc.status == 404:
+        return ApiError(404, f"no route {request.method} {request.path}; see /openapi.json",
+                        code="unknown_route")
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return ApiError(405, f"{request.method} is not allowed on {request.path} (allowed: "
+                             f"{allowed})", code="method_not_allowed")
+    return ApiError(exc.status, exc.text or exc.reason, code=exc.reason.lower().replace(" ", "_"))
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON, or a 400/413/408 that says what was wrong and where."""
+    timeout = float(request.app["read_timeout"])
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s "
+                            f"(protocols.http.read_timeout)", code="read_timeout") from None
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not UTF-8: byte {exc.start} is "
+                            f"0x{raw[exc.start]:02x}", code="invalid_encoding") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line "
+                            f"{exc.lineno} column {exc.colno}", code="invalid_json") from None
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def stream_reply(request: web.Request, reply: StreamReply, frames: Callable[
+        [AsyncIterator[Delta | Final]], AsyncIterator[bytes]], *, content_type: str,
+        keepalive: bytes | None, interval: float) -> web.StreamResponse:
+    """Stream ``reply`` framed by ``frames``.
+
+    The reply is started first: an error found before the first token (a prompt too
+    long for the context) still gets its status. While it waits in the model's queue
+    longer than ``interval``, the stream opens and ``keepalive`` is written every
+    ``interval`` seconds (SSE comment lines). A client that goes away closes the reply,
+    which stops the generation within a decode step.
+    """
+    starting = asyncio.ensure_future(reply.start())
+    response = web.StreamResponse(headers={
+        "Content-Type": content_type, "Cache-Control": "no-cache",
+        "X-Request-ID": request["request_id"], "X-Accel-Buffering": "no"})
+    try:
+        done, _ = await asyncio.wait({starting}, timeout=interval)
+        if not done:
+            await response.prepare(request)
+            while not done:
+                if keepalive is not None:
+                    await response.write(keepalive)
+                done, _ = await asyncio.wait({starting}, timeout=interval)
+        starting.result()  # an error before the first token is raised here
+        if not response.prepared:
+            await response.prepare(request)
+        async for frame in frames(aiter(reply)):
+            await response.write(frame)
+        await response.write_eof()
+        return response
+    except ApiError as exc:
+        if not response.prepared:
+            raise
+        await _write_error(response, exc, content_type)
+        return response
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        error = from_exception(exc)
+        if not response.prepared:
+            raise
+        if error.status >= 500:
+            structlog.get_logger("inferno", plugin="http").exception("stream failed")
+        await _write_error(response, error, content_type)
+        return response
+    finally:
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+        await reply.aclose()
+
+
+async def _write_error(response: web.StreamResponse, error: ApiError, content_type: str
+                       ) -> None:
+    """An error after the stream opened: one more frame, then the end of the stream."""
+    body = _dumps(error.envelope())
+    frame = f"data: {body}\n\n" if content_type.startswith("text/event-stream") \
+        else f"{body}\n"
+    with contextlib.suppress(ConnectionResetError, RuntimeError):
+        await response.write(frame.encode())
+        await response.write_eof()
+
+
+def since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def paths_of(routes: Iterable[web.AbstractRouteDef]) -> list[tuple[str, str]]:
+    """``(method, path)`` of route definitions (for the OpenAPI check)."""
+    return [(route.method, route.path) for route in routes
+            if isinstance(route, web.RouteDef)]

@@ -1,0 +1,13 @@
+"""(being written)"""
+
+from __future__ import annotations
+
+from inferno.kernel import Protocol
+
+
+class WebSocketProtocol(Protocol):
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
