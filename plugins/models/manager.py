@@ -64,6 +64,8 @@ class ModelManager:
         self._swapping: dict[str, asyncio.Lock] = {}
         self._described: dict[Path, tuple[Stamp, ModelFile]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Models the profile preloads that failed to load, with the reason.
+        self.preload_failures: dict[str, str] = {}
 
     # ------------------------------------------------------------------ lookups
 
@@ -172,6 +174,7 @@ class ModelManager:
         version = await self._load_version(entry, path)
         resident = Resident(entry.name, version, self._keep_alive_of(entry))
         self.residents[entry.name] = resident
+        self.preload_failures.pop(entry.name, None)  # loads now: ready again
         keep_version(self.versions_dir, resident, path, self.log)
         return resident
 

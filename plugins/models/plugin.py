@@ -158,6 +158,7 @@ async def _serve_models(kernel: KernelHandle) -> AsyncIterator[None]:
             await manager.preload(name)
         except ModelError as exc:  # reported as model.failed; the other models still serve
             log.error("preload failed", model=name, error=exc.reason)
+            manager.preload_failures[name] = exc.reason  # readiness checks report it
     try:
         yield
     finally:
