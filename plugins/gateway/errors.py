@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from inferno.kernel.errors import Draining, InfernoError, ResourceExhausted
@@ -57,6 +59,18 @@ def _type_for(status: int) -> str:
 _PARAMS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
            "frequency_penalty", "seed", "max_tokens", "stop", "logit_bias", "response_format",
            "schema")
+
+
+@contextmanager
+def as_api_errors() -> Iterator[None]:
+    """Raise Inferno's own errors (a model not found, a bad sampling value, draining) as the
+    ``ApiError`` a client reads; anything else is a bug and goes up unchanged."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except InfernoError as exc:
+        raise from_exception(exc) from exc
 
 
 def from_exception(exc: BaseException) -> ApiError:

@@ -13,7 +13,7 @@ import base64
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
 import structlog
@@ -22,7 +22,7 @@ from inferno.kernel import GenerationRequest, KernelHandle
 
 from .bodies import EmbeddingPlan, GenerationPlan, parse_chat, parse_completion, parse_embeddings
 from .calls import Call, Delta, Final, Handler, Middleware, StreamReply, ValueReply
-from .errors import ApiError, invalid
+from .errors import ApiError, as_api_errors, invalid
 from .queues import Queues
 from .tools import rewrite_turns
 
@@ -63,8 +63,9 @@ class Gateway:
     async def run(self, call: Call) -> Any:
         """The call's reply, or ``ApiError`` (any other exception is a bug, logged by the
         protocol that turns it into a 500)."""
-        async with self.kernel.admit():
-            return await self._chain(call)
+        with as_api_errors():
+            async with self.kernel.admit():
+                return await self._chain(call)
 
     def _build_chain(self) -> Handler:
         handler: Handler = self._dispatch
@@ -114,38 +115,45 @@ class Gateway:
     async def _generate(self, model: str, plan: GenerationPlan, request: GenerationRequest,
                         ticket: Any) -> AsyncIterator[Delta | Final]:
         try:
-            async with AsyncExitStack() as stack:
-                waited = await stack.enter_async_context(ticket.turn())
-                loading = time.perf_counter()
-                loaded = await stack.enter_async_context(
-                    self.models.use(model, keep_alive=plan.keep_alive))
-                load_seconds = time.perf_counter() - loading
-                tools = plan.tools if plan.tools is not None and plan.tools.active else None
-                parts: list[str] = []
-                generation = loaded.generate(request)
-                stack.push_async_callback(generation.aclose)
-                async for chunk in generation:
-                    if chunk.text:
-                        if tools is not None:
-                            parts.append(chunk.text)  # a tool answer is one JSON value
-                        else:
-                            yield Delta(chunk.text, chunk.tokens)
-                    if chunk.finish_reason is not None:
-                        usage = {**(chunk.usage or {}), "queue_seconds": round(waited, 6),
-                                 "load_seconds": round(load_seconds, 6)}
-                        reason = chunk.finish_reason
-                        if tools is None:
-                            yield Final(reason, usage)
-                            return
-                        content, calls = tools.parse("".join(parts))
-                        if content:
-                            yield Delta(content)
-                        yield Final("tool_calls" if calls else reason, usage, calls)
-                        return
-                raise ApiError(500, "the backend ended without a final chunk",
-                               code="internal_error")
+            with as_api_errors():
+                async with aclosing(self._events(model, plan, request, ticket)) as events:
+                    async for event in events:
+                        yield event
         finally:
             ticket.release()
+
+    async def _events(self, model: str, plan: GenerationPlan, request: GenerationRequest,
+                      ticket: Any) -> AsyncIterator[Delta | Final]:
+        async with AsyncExitStack() as stack:
+            waited = await stack.enter_async_context(ticket.turn())
+            loading = time.perf_counter()
+            loaded = await stack.enter_async_context(
+                self.models.use(model, keep_alive=plan.keep_alive))
+            load_seconds = time.perf_counter() - loading
+            tools = plan.tools if plan.tools is not None and plan.tools.active else None
+            parts: list[str] = []
+            generation = loaded.generate(request)
+            stack.push_async_callback(generation.aclose)
+            async for chunk in generation:
+                if chunk.text:
+                    if tools is not None:
+                        parts.append(chunk.text)  # a tool answer is one JSON value
+                    else:
+                        yield Delta(chunk.text, chunk.tokens)
+                if chunk.finish_reason is not None:
+                    usage = {**(chunk.usage or {}), "queue_seconds": round(waited, 6),
+                             "load_seconds": round(load_seconds, 6)}
+                    reason = chunk.finish_reason
+                    if tools is None:
+                        yield Final(reason, usage)
+                        return
+                    content, calls = tools.parse("".join(parts))
+                    if content:
+                        yield Delta(content)
+                    yield Final("tool_calls" if calls else reason, usage, calls)
+                    return
+            raise ApiError(500, "the backend ended without a final chunk",
+                           code="internal_error")
 
     # ------------------------------------------------------------------ embeddings
 
