@@ -64,8 +64,10 @@ class Server:
     """``inferno`` running in the background, its stderr read line by line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        # edge serves HTTP on 8080: a free port instead, so that tests never collide
+        env = {"INFERNO_PROTOCOLS__HTTP__PORT": "0", **(env or {})}
         self.proc = subprocess.Popen([str(INFERNO), *args], stderr=subprocess.PIPE, text=True,
-                                     stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+                                     stdout=subprocess.DEVNULL, env={**os.environ, **env})
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -113,6 +115,18 @@ def test_edge_starts_and_sigterm_stops_it_with_exit_0_within_5_seconds():
     assert code == 0
     assert took < 5
     assert "stopped" in server.rest()
+
+
+def test_protocol_option_serves_only_the_named_protocols():
+    shown = run_inferno("--profile", "enterprise", "--protocol", "websocket", "profile", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert "[protocols.http]\nhost" in shown.stdout.replace('"', "")  # the table stays ...
+    assert "enabled = false" in shown.stdout.split("[protocols.http]")[1].split("[")[0]
+    assert "enabled" not in shown.stdout.split("[protocols.websocket]")[1].split("\n[")[0] or \
+        "enabled = true" in shown.stdout.split("[protocols.websocket]")[1].split("\n[")[0]
+    unknown = run_inferno("--profile", "edge", "--protocol", "carrier-pigeon", "profile", "show")
+    assert unknown.returncode == 1
+    assert "carrier-pigeon" in unknown.stderr
 
 
 def test_sigint_also_stops_gracefully():

@@ -312,7 +312,30 @@ async def test_services_are_offered_by_name_until_the_kernel_stops(make_kernel):
         assert kernel.service("jobs") is registry
         with pytest.raises(LifecycleError, match="'jobs' is already provided"):
             kernel.provide("jobs", object())
-        with pytest.raises(LookupError, match=r"no service named 'cache' \(offered: jobs, mod"):
+        with pytest.raises(LookupError,
+                           match=r"no service named 'cache' \(offered: gateway, jobs, mo"):
             kernel.service("cache")
     with pytest.raises(LookupError, match="offered: none"):
         kernel.service("jobs")
+
+
+async def test_a_protocol_whose_input_ended_stops_a_serving_kernel(make_kernel):
+    """``kernel.shutdown`` ends ``serve`` as SIGTERM would: drained, stopped, exit code 0."""
+    finished: list[str] = []
+
+    class OneShot(Protocol):
+        async def start(self) -> None:
+            self.task = asyncio.create_task(self.work())
+
+        async def work(self) -> None:
+            async with self.context.kernel.admit():
+                await asyncio.sleep(0.05)
+                finished.append("request")
+            self.context.kernel.shutdown("end of input")
+
+        async def stop(self) -> None:
+            await self.task
+
+    kernel = make_kernel({"protocols": {"oneshot": {}}}, plugins={"oneshot": OneShot})
+    code = await asyncio.wait_for(kernel.serve(), 10)
+    assert (code, finished, kernel.state) == (0, ["request"], State.STOPPED)
