@@ -271,3 +271,18 @@ async def test_a_tool_call_is_generated_under_its_schema(edge_kernel: Any) -> No
     assert isinstance(json.loads(call.arguments)["city"], str)
     assert final.usage["completion_tokens"] > 0
     assert not isinstance(final, Delta)
+
+
+async def test_a_reply_closed_before_it_started_gives_its_place_back(edge_kernel: Any) -> None:
+    async with edge_kernel.running(protocols=False):
+        gateway = edge_kernel.service("gateway")
+        reply = await gateway.run(Call("completion", {"model": "gemma-3-270m", "prompt": "a",
+                                                      "max_tokens": 2}))
+        assert edge_kernel.inflight == 1  # a stream is in flight until it is done with
+        await reply.aclose()
+        assert gateway.queues.stats()["gemma-3-270m"]["running"] == 0
+        assert edge_kernel.inflight == 0
+        reply = await gateway.run(Call("completion", {"model": "gemma-3-270m", "prompt": "a",
+                                                      "max_tokens": 2}))
+        await reply.collect()  # iterated to the end: released without aclose
+        assert edge_kernel.inflight == 0

@@ -102,7 +102,13 @@ class StreamReply:
         self._events = events
         self._first: Delta | Final | None = None
         self._started = False
+        self._closing: list[Callable[[], Awaitable[None] | None]] = []
         self.final: Final | None = None
+
+    def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Run ``callback`` once the reply is done with: iterated to the end, or closed
+        (even before it started: its place in the queue is given back)."""
+        self._closing.append(callback)
 
     async def start(self) -> None:
         if not self._started:
@@ -116,6 +122,7 @@ class StreamReply:
             yield self._remember(first)
         async for event in self._events:
             yield self._remember(event)
+        await self._closed()
 
     def _remember(self, event: Delta | Final) -> Delta | Final:
         if isinstance(event, Final):
@@ -132,9 +139,19 @@ class StreamReply:
         return "".join(parts), self.final
 
     async def aclose(self) -> None:
-        close = getattr(self._events, "aclose", None)
-        if close is not None:
-            await close()
+        try:
+            close = getattr(self._events, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            await self._closed()
+
+    async def _closed(self) -> None:
+        callbacks, self._closing = self._closing, []
+        for callback in reversed(callbacks):
+            result = callback()
+            if result is not None:
+                await result
 
 
 Handler = Callable[[Call], Awaitable[Any]]

@@ -63,9 +63,19 @@ class Gateway:
     async def run(self, call: Call) -> Any:
         """The call's reply, or ``ApiError`` (any other exception is a bug, logged by the
         protocol that turns it into a 500)."""
-        with as_api_errors():
-            async with self.kernel.admit():
-                return await self._chain(call)
+        stack = AsyncExitStack()
+        try:
+            with as_api_errors():
+                await stack.enter_async_context(self.kernel.admit())
+                reply = await self._chain(call)
+        except BaseException:
+            await stack.aclose()
+            raise
+        if isinstance(reply, StreamReply):
+            reply.on_close(stack.aclose)  # a stream is in flight until it is done with
+        else:
+            await stack.aclose()
+        return reply
 
     def _build_chain(self) -> Handler:
         handler: Handler = self._dispatch
@@ -110,7 +120,9 @@ class Gateway:
                                     params=params)
         ticket = self.queues.enter(entry.name)
         events = self._generate(entry.name, plan, request, ticket)
-        return StreamReply(entry.name, events, kind=plan.kind)
+        reply = StreamReply(entry.name, events, kind=plan.kind)
+        reply.on_close(ticket.release)  # also when it is closed before it started
+        return reply
 
     async def _generate(self, model: str, plan: GenerationPlan, request: GenerationRequest,
                         ticket: Any) -> AsyncIterator[Delta | Final]:

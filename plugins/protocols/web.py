@@ -96,8 +96,9 @@ def limit_middleware(server: Server) -> Any:
     async def middleware(request: web.Request, handler: Callable[[web.Request],
                                                                  Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-        if request.path.startswith("/health/"):
-            return await handler(request)
+        if request.path.startswith("/health/") or \
+                request.headers.get("Upgrade", "").lower() == "websocket":
+            return await handler(request)  # a socket is not a request: it has its own limits
         if server.active >= limit:
             raise ApiError(503, f"the server is serving {limit} requests, the most it takes at "
                                 f"once (protocols.http.max_concurrent); try again later",
