@@ -751,3 +751,35 @@ def test_a_quantised_kv_cache_without_flash_attention_is_a_configuration_error(
                                           r"\(q8_0\) needs flash_attention = true"):
         make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0"}}})
     make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0", "flash_attention": True}}})
+
+
+def test_a_load_leaves_stdout_and_stderr_where_they_are(load: Callable[..., Any],
+                                                        gemma_path: Path) -> None:
+    """llama-cpp-python would point fds 1 and 2 at /dev/null for the length of a load, from
+    the loading thread, losing what other requests write meanwhile (a stdin pipeline's
+    answers)."""
+    import os
+
+    before = (os.fstat(1), os.fstat(2))
+    moved: list[bool] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            now = (os.fstat(1), os.fstat(2))
+            moved.append(not all(os.path.samestat(a, b) for a, b in zip(now, before,
+                                                                        strict=True)))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    async def nothing(model: GgufModel) -> None:
+        return None
+
+    try:
+        load(gemma_path, nothing)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(moved) > 10  # it watched while the model loaded
+    assert not any(moved)

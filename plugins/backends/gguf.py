@@ -26,6 +26,7 @@ try:
 except ImportError as exc:  # the profile names this backend, so say how to get it
     raise ImportError(f"the gguf backend needs llama-cpp-python ({exc.msg}): "
                       f"pip install 'inferno[gguf]'") from exc
+
 from dynaconf import Validator
 
 from inferno.kernel import Backend, ConfigSpec, ModelSpec, hookimpl
@@ -34,6 +35,21 @@ from inferno.plugins.models.formats import describe
 
 from . import hardware, llama_log
 from .gguf_model import GgufModel
+
+
+class _KeepStreams(contextlib.nullcontext[None]):
+    """Stands in for llama-cpp-python's ``suppress_stdout_stderr``, which points file
+    descriptors 1 and 2 at /dev/null for a whole load, process-wide, from the loading thread:
+    every other request's output written meanwhile (a stdin pipeline's answers, log lines)
+    would be lost, and two loads at once can leave them pointing there for good. llama.cpp's
+    own messages reach Inferno through its log callback (``llama_log``) instead."""
+
+    def __init__(self, disable: bool = True) -> None:
+        super().__init__()
+
+
+for _module in (llama_cpp.llama, llama_cpp._internals, llama_cpp.llama_chat_format):
+    _module.suppress_stdout_stderr = _KeepStreams  # type: ignore[attr-defined,misc]
 
 KV_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16,
             "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
