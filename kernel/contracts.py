@@ -154,6 +154,11 @@ class LoadedModel(abc.ABC):
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         raise NotImplementedError(f"model {self.info.get('name', '?')!r} does not embed")
 
+    async def embed_counted(self, inputs: Sequence[str]) -> tuple[list[list[float]], int | None]:
+        """``embed``, and the tokens the model read (``None`` when it cannot say); backends
+        that tokenise anyway override it, so that usage counts cost nothing more."""
+        return await self.embed(inputs), None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Free the model's memory. No method is called after this."""

@@ -286,3 +286,15 @@ async def test_a_reply_closed_before_it_started_gives_its_place_back(edge_kernel
                                                       "max_tokens": 2}))
         await reply.collect()  # iterated to the end: released without aclose
         assert edge_kernel.inflight == 0
+
+
+async def test_embedding_usage_counts_the_tokens_the_model_read(edge_kernel: Any) -> None:
+    texts = ["a short one", "a somewhat longer sentence about rivers and mountains"]
+    async with edge_kernel.running(protocols=False):
+        gateway = edge_kernel.service("gateway")
+        reply = await gateway.run(Call("embeddings", {"model": "minilm", "input": texts}))
+        model = edge_kernel.service("models").residents["minilm"].current.model
+        expected = sum(model.count_tokens(text) for text in texts)
+    assert reply.value["usage"] == {"prompt_tokens": expected, "total_tokens": expected}
+    assert expected > 10
+    assert [len(row["embedding"]) for row in reply.value["data"]] == [384, 384]

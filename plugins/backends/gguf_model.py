@@ -270,10 +270,13 @@ class GgufModel(LoadedModel):
     # ------------------------------------------------------------------ embeddings
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
+        return (await self.embed_counted(inputs))[0]
+
+    async def embed_counted(self, inputs: Sequence[str]) -> tuple[list[list[float]], int | None]:
         if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
             raise RequestError(self.name, "embedding inputs must be a list of strings")
         if not inputs:
-            return []
+            return [], 0
         async with self._embed_lock:
             self._check_open()
             if self._embedder is None:
@@ -281,12 +284,14 @@ class GgufModel(LoadedModel):
                                                        self.options)
             embedder = self._embedder
             limit = embedder.n_ctx()
+            total = 0
             for index, text in enumerate(inputs):
                 count = len(embedder.tokenize(text.encode("utf-8")))
                 if count > limit:
                     raise RequestError(self.name, f"input {index} has {count} tokens, more than "
                                                   f"the context size of {limit}")
-            return await self._on_thread(self._embed_each, embedder, list(inputs))
+                total += count
+            return await self._on_thread(self._embed_each, embedder, list(inputs)), total
 
     async def _on_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)

@@ -199,6 +199,18 @@ class TextEncoder(TextModel):
         """One unit vector per text, in the order given."""
         return await self.batched(inputs, self.embed_encodings)
 
+    async def embed_counted(self, inputs: Sequence[str]) -> tuple[list[list[float]], int | None]:
+        """The vectors, and the tokens read (after truncation) counted from the encodings
+        ``embed`` makes anyway."""
+        counts: list[int] = []
+
+        def compute(encodings: list[Encoding]) -> list[list[float]]:
+            counts.append(sum(len(encoding) for encoding in encodings))
+            return self.embed_encodings(encodings)
+
+        vectors = await self.batched(inputs, compute)
+        return vectors, sum(counts)
+
     def embed_encodings(self, encodings: list[Encoding]) -> list[list[float]]:
         feeds, mask = self.feeds(encodings)
         (states,) = self.run([self.output.name], feeds)

@@ -177,8 +177,9 @@ class Gateway:
         try:
             async with ticket.turn() as waited, \
                     self.models.use(entry.name, keep_alive=plan.keep_alive) as loaded:
-                vectors = await loaded.embed(list(plan.inputs))
-                tokens = _count_tokens(loaded, plan.inputs)
+                vectors, tokens = await loaded.embed_counted(list(plan.inputs))
+                if tokens is None:
+                    tokens = _count_tokens(loaded, plan.inputs)
         finally:
             ticket.release()
         dimensions = plan.extra.get("dimensions")
