@@ -14,12 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import queue
-import select
-import stat
-import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from dynaconf import Validator
@@ -32,6 +27,8 @@ from inferno.kernel.resources import parse_amount
 from inferno.plugins.gateway.bodies import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
 from inferno.plugins.gateway.calls import Call, Final, StreamReply, new_id
 from inferno.plugins.gateway.errors import ApiError, from_exception, invalid
+
+from .stdio import TOO_LONG, Input, Output
 
 DEFAULTS: dict[str, Any] = {
     # "json": each line a JSON request; "text": each line a prompt (see docs/protocols/stdin.md).
@@ -52,9 +49,6 @@ DEFAULTS: dict[str, Any] = {
 
 _FIELDS = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS, "embeddings": EMBEDDING_FIELDS}
 _INFERRED = (("messages", "chat"), ("prompt", "completion"), ("input", "embeddings"))
-#: What ``Input.lines()`` yields for a line longer than the limit (its bytes are dropped).
-TOO_LONG = object()
-CHUNK = 1 << 16
 
 
 class StdinProtocol(Protocol):
@@ -360,130 +354,3 @@ def _kind(value: Any) -> str:
     kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
              int: "a number", float: "a number", type(None): "null"}
     return kinds.get(type(value), type(value).__name__)
-
-
-# --------------------------------------------------------------------------- the streams
-
-
-class Input:
-    """Standard input in chunks. A pipe or socket is read through the event loop; a file or
-    a terminal by a daemon thread, because a pipe transport refuses regular files and would
-    make a terminal (shared with stdout and stderr) non-blocking for everyone."""
-
-    def __init__(self, fd: int, limit: int) -> None:
-        self.fd, self.limit, self.kind = fd, limit, "closed"
-        self.reader: asyncio.StreamReader | None = None
-        self.transport: asyncio.BaseTransport | None = None
-        self.wanted: queue.SimpleQueue[asyncio.Future[bytes] | None] = queue.SimpleQueue()
-
-    async def open(self) -> None:
-        try:
-            mode = os.fstat(self.fd).st_mode
-        except OSError:
-            return  # no standard input at all reads as an empty one
-        loop = asyncio.get_running_loop()
-        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-            self.kind, reader = "pipe", asyncio.StreamReader(limit=CHUNK)
-            self.reader = reader
-            self.transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader),
-                os.fdopen(self.fd, "rb", buffering=0, closefd=False))
-        else:
-            self.kind = "file" if stat.S_ISREG(mode) else "terminal"
-            threading.Thread(target=self._read_blocking, args=(loop,), name="inferno-stdin",
-                             daemon=True).start()
-
-    def _read_blocking(self, loop: asyncio.AbstractEventLoop) -> None:
-        """One chunk each time the loop asks, so that reading pauses when the loop does."""
-        while (future := self.wanted.get()) is not None:
-            try:
-                data: bytes | OSError = os.read(self.fd, CHUNK)
-            except OSError as exc:
-                data = exc
-            try:
-                loop.call_soon_threadsafe(_settle, future, data)
-            except RuntimeError:
-                return  # the loop is closed: Inferno is exiting
-
-    async def read(self) -> bytes:
-        if self.reader is not None:
-            return await self.reader.read(CHUNK)
-        if self.kind == "closed":
-            return b""
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.wanted.put(future)
-        return await future
-
-    async def lines(self) -> AsyncIterator[tuple[int, Any]]:
-        """``(number, bytes)`` per line, numbered from 1, or ``(number, TOO_LONG)``; memory
-        stays within the limit plus a chunk whatever the input holds."""
-        number, pending, skipping = 0, b"", False
-        while chunk := await self.read():
-            start = 0
-            while (end := chunk.find(b"\n", start)) >= 0:
-                number += 1
-                line = pending + chunk[start:end] if pending else chunk[start:end]
-                start, pending = end + 1, b""
-                too_long, skipping = skipping or len(line) > self.limit, False
-                yield number, TOO_LONG if too_long else line.removesuffix(b"\r")
-            if not skipping:
-                pending += chunk[start:]
-                if len(pending) > self.limit:
-                    skipping, pending = True, b""
-        if skipping or pending:
-            yield number + 1, TOO_LONG if skipping else pending.removesuffix(b"\r")
-
-    def close(self) -> None:
-        self.wanted.put(None)
-        if self.transport is not None:
-            self.transport.close()
-            with contextlib.suppress(OSError):
-                os.set_blocking(self.fd, True)  # as it was, for whoever shares the pipe
-
-
-def _settle(future: asyncio.Future[bytes], data: bytes | OSError) -> None:
-    if not future.done():
-        if isinstance(data, OSError):
-            future.set_exception(data)
-        else:
-            future.set_result(data)
-
-
-class Output:
-    """Standard output, each line one blocking write: lines never interleave, and a slow
-    reader slows Inferno down instead of filling its memory.
-
-    It writes to a duplicate of descriptor 1: llama-cpp-python points descriptors 1 and 2
-    at /dev/null while it loads a GGUF model (in a worker thread), and answers written
-    meanwhile would vanish. Once the reader is gone (EPIPE) writes are dropped and
-    /dev/null takes descriptor 1's place, so that Python's flush at exit stays quiet."""
-
-    def __init__(self, on_closed: Callable[[OSError], None]) -> None:
-        self.on_closed, self.closed, self.fd = on_closed, False, -1
-        try:
-            self.fd = os.dup(1)
-        except OSError:
-            self.closed = True  # no standard output at all: answers have nowhere to go
-
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            while data:
-                try:
-                    data = data[os.write(self.fd, data):]
-                except BlockingIOError:  # a descriptor inherited non-blocking
-                    select.select([], [self.fd], [])
-        except OSError as exc:
-            self.close()
-            with contextlib.suppress(OSError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, 1)
-                os.close(devnull)
-            self.on_closed(exc)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
