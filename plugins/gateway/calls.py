@@ -40,7 +40,9 @@ class Call:
 
     @property
     def model(self) -> str | None:
-        value = self.body.get("model")
+        """The model the body names, if it is an object that names one (middlewares run before
+        the body is checked)."""
+        value = self.body.get("model") if isinstance(self.body, Mapping) else None
         return value if isinstance(value, str) else None
 
 

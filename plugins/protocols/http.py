@@ -23,7 +23,7 @@ from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, Protocol, hoo
 from inferno.kernel.resources import parse_amount
 
 from . import http_hookspecs
-from .web import Server, envelope_middleware, limit_middleware
+from .web import MAX_BODY_SIZE, READ_TIMEOUT, SERVER, Server, envelope_middleware, limit_middleware
 
 DEFAULTS: dict[str, Any] = {
     # Address and port to listen on; port 0 picks a free port (see the log line "listening").
@@ -153,9 +153,9 @@ def build_app(server: Server, kernel: Any) -> web.Application:
     max_body = parse_amount(server.config["max_body_size"])
     app = web.Application(client_max_size=max_body,
                           middlewares=[envelope_middleware(server), limit_middleware(server)])
-    app["max_body_size"] = max_body
-    app["read_timeout"] = float(server.config["read_timeout"])
-    app["server"] = server
+    app[MAX_BODY_SIZE] = max_body
+    app[READ_TIMEOUT] = float(server.config["read_timeout"])
+    app[SERVER] = server
     routes = [*openai_api.routes(server), *inferno_api.routes(server),
               *ollama_api.routes(server)]
     for contributed in kernel.hook.inferno_http_routes(kernel=kernel):

@@ -26,7 +26,7 @@ from inferno.plugins.gateway.errors import ApiError, from_exception, invalid
 
 from . import ollama_bodies as bodies
 from .ollama_bodies import rfc3339
-from .web import Server, json_response, read_json, since, stream_reply
+from .web import MAX_BODY_SIZE, Server, json_response, read_json, since, stream_reply
 
 NDJSON = "application/x-ndjson"
 #: Seconds a stream waits for its first token before its headers go out. Ollama's clients
@@ -68,7 +68,7 @@ def ollama_errors(handler: Callable[[OllamaApi, web.Request], Awaitable[web.Stre
             if exc.status < 400:
                 raise
             message = (f"the request body is larger than this server accepts "
-                       f"({request.app['max_body_size']} bytes, protocols.http.max_body_size)"
+                       f"({request.app[MAX_BODY_SIZE]} bytes, protocols.http.max_body_size)"
                        if exc.status == 413
                        else exc.text or exc.reason)
             return _error(ApiError(exc.status, message))

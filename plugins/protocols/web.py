@@ -41,6 +41,12 @@ class Server:
                     id=request["request_id"], credentials=credentials(request))
 
 
+#: What the application holds for its routes.
+MAX_BODY_SIZE = web.AppKey("max_body_size", int)
+READ_TIMEOUT = web.AppKey("read_timeout", float)
+SERVER = web.AppKey("server", Server)
+
+
 def credentials(request: web.Request) -> Credentials:
     headers = {name.lower(): value for name, value in request.headers.items()}
     peer = request.remote or ""
@@ -115,7 +121,7 @@ def limit_middleware(server: Server) -> Any:
 def _http_error(exc: web.HTTPException, request: web.Request) -> ApiError:
     if exc.status == 413:
         return ApiError(413, f"the request body is larger than this server accepts "
-                             f"({request.app['max_body_size']} bytes, "
+                             f"({request.app[MAX_BODY_SIZE]} bytes, "
                              f"protocols.http.max_body_size)", code="body_too_large")
     if exc.status == 404:
         return ApiError(404, f"no route {request.method} {request.path}; see /openapi.json",
@@ -129,7 +135,7 @@ def _http_error(exc: web.HTTPException, request: web.Request) -> ApiError:
 
 async def read_json(request: web.Request) -> Any:
     """The body as JSON, or a 400/413/408 that says what was wrong and where."""
-    timeout = float(request.app["read_timeout"])
+    timeout = request.app[READ_TIMEOUT]
     try:
         async with asyncio.timeout(timeout):
             raw = await request.read()
