@@ -38,13 +38,15 @@ class Server:
     def call(self, request: web.Request, operation: str, body: Mapping[str, Any],
              protocol: str = "http") -> Call:
         return Call(operation=operation, body=body, protocol=protocol,
-                    id=request["request_id"], credentials=credentials(request))
+                    id=request[REQUEST_ID], credentials=credentials(request))
 
 
 #: What the application holds for its routes.
 MAX_BODY_SIZE = web.AppKey("max_body_size", int)
 READ_TIMEOUT = web.AppKey("read_timeout", float)
 SERVER = web.AppKey("server", Server)
+#: The request's id (``X-Request-ID``), set before any route runs.
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def credentials(request: web.Request) -> Credentials:
@@ -69,26 +71,26 @@ def envelope_middleware(server: Server) -> Any:
                                                                  Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
         given = request.headers.get("X-Request-ID", "")
-        request["request_id"] = given if _REQUEST_ID.match(given) else new_id()
-        with request_context(request["request_id"], method=request.method,
+        request[REQUEST_ID] = given if _REQUEST_ID.match(given) else new_id()
+        with request_context(request[REQUEST_ID], method=request.method,
                              path=request.path):
             try:
                 response = await handler(request)
             except ApiError as exc:
-                return error_response(exc, request["request_id"])
+                return error_response(exc, request[REQUEST_ID])
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                return error_response(_http_error(exc, request), request["request_id"])
+                return error_response(_http_error(exc, request), request[REQUEST_ID])
             except (asyncio.CancelledError, ConnectionResetError):
                 raise
             except Exception as exc:
                 error = from_exception(exc)
                 if error.status >= 500 and not isinstance(exc, ApiError):
                     server.log.exception("request failed", error=str(exc))
-                return error_response(error, request["request_id"])
+                return error_response(error, request[REQUEST_ID])
             if not response.prepared:
-                response.headers["X-Request-ID"] = request["request_id"]
+                response.headers["X-Request-ID"] = request[REQUEST_ID]
             return response
 
     return middleware
@@ -178,7 +180,7 @@ async def stream_reply(request: web.Request, reply: StreamReply, frames: Callabl
     starting = asyncio.ensure_future(reply.start())
     response = web.StreamResponse(headers={
         "Content-Type": content_type, "Cache-Control": "no-cache",
-        "X-Request-ID": request["request_id"], "X-Accel-Buffering": "no"})
+        "X-Request-ID": request[REQUEST_ID], "X-Accel-Buffering": "no"})
     try:
         done, _ = await asyncio.wait({starting}, timeout=interval)
         if not done:
