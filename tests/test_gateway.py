@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from inferno.kernel import hookimpl
-from inferno.plugins.gateway.bodies import parse_chat, parse_completion, parse_embeddings, \
-    parse_keep_alive
+from inferno.plugins.gateway.bodies import (
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+    parse_keep_alive,
+)
 from inferno.plugins.gateway.calls import Call, Delta, Final
 from inferno.plugins.gateway.errors import ApiError
 from inferno.plugins.gateway.queues import Queues
@@ -103,7 +107,7 @@ def test_keep_alive_durations(value: Any, seconds: float | None) -> None:
 
 
 def test_a_named_tool_choice_allows_that_tool_once() -> None:
-    tools = parse_tools(WEATHER + [{"type": "function", "function": {"name": "other"}}],
+    tools = parse_tools([*WEATHER, {"type": "function", "function": {"name": "other"}}],
                         {"type": "function", "function": {"name": "get_weather"}})
     assert tools is not None
     schema = tools.schema()
@@ -112,7 +116,8 @@ def test_a_named_tool_choice_allows_that_tool_once() -> None:
     assert [option["properties"]["name"]["const"] for option in calls["items"]["anyOf"]] \
         == ["get_weather"]
     auto = parse_tools(WEATHER, "auto")
-    assert auto is not None and "anyOf" in auto.schema()  # a call or a plain answer
+    assert auto is not None
+    assert "anyOf" in auto.schema()
 
 
 def test_tool_answers_parse_into_calls_or_content() -> None:
@@ -184,7 +189,7 @@ async def test_a_request_that_waits_too_long_is_refused_and_frees_its_place() ->
 class Recorder:
     """A plugin contributing two middlewares: one refuses a model, both record the order."""
 
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
     class Outer:
         order = 10
@@ -264,7 +269,8 @@ async def test_a_tool_call_is_generated_under_its_schema(edge_kernel: Any) -> No
             "tool_choice": "required",
             "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}))
         text, final = await reply.collect()
-    assert isinstance(final, Final) and final.finish_reason == "tool_calls"
+    assert isinstance(final, Final)
+    assert final.finish_reason == "tool_calls"
     assert text == ""
     (call,) = final.tool_calls
     assert call.name == "get_weather"

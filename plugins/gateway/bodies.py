@@ -285,6 +285,8 @@ def _options(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: Longer than this is "for good" (-1): a century, which dates can still express.
+_FOREVER = 36525 * 86400.0
 
 
 def parse_keep_alive(value: Any, param: str = "keep_alive") -> float | None:
@@ -292,22 +294,18 @@ def parse_keep_alive(value: Any, param: str = "keep_alive") -> float | None:
     model loaded for good and 0 unloads it after the request."""
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return -1.0 if value < 0 else float(value)
-    if isinstance(value, str):
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
         text = value.strip()
-        for unit in sorted(_UNITS, key=len, reverse=True):
-            if text.endswith(unit):
-                try:
-                    number = float(text[: -len(unit)])
-                except ValueError:
-                    break
-                return -1.0 if number < 0 else number * _UNITS[unit]
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), "")
         try:
-            number = float(text)
-            return -1.0 if number < 0 else number
+            number = float(text[: len(text) - len(unit)]) * _UNITS.get(unit, 1.0)
         except ValueError:
-            pass
+            number = None
+    if number is not None and not math.isnan(number):
+        return -1.0 if number < 0 or number > _FOREVER else number
     raise invalid(f"{param} must be seconds or a duration such as '5m', '30s' or '1h' "
                   f"(-1 keeps the model loaded, 0 unloads it), got {value!r}", param)
 

@@ -234,6 +234,12 @@ class Gateway:
     async def _models_rollback(self, call: Call) -> ValueReply:
         name = _name(call)
         entry = self.models.entry(name)
+        resident = self.models.residents.get(entry.name)
+        if resident is None or resident.previous is None:
+            state = "is not loaded" if resident is None else "has no previous version"
+            raise ApiError(409, f"cannot roll back {entry.name!r}: it {state}; a rollback "
+                                f"returns to the version a hot swap replaced",
+                           param="model", code="rollback_unavailable")
         await self.models.rollback(entry.name)
         return ValueReply({"name": entry.name, "rolled_back": True}, model=entry.name)
 
@@ -247,7 +253,8 @@ class Gateway:
         for name, resident in sorted(self.models.residents.items()):
             info = resident.current.model.info
             loaded.append({"name": name, "format": info.get("format"),
-                           "memory_bytes": info.get("memory_bytes"),
+                           "memory_bytes": info.get("memory_bytes")
+                           or resident.current.reservation.amount,
                            "device": info.get("device"), "inflight": resident.current.inflight,
                            "keep_alive": resident.keep_alive})
         return {"version": version("inferno"), "state": self.kernel.state,

@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from dynaconf import Validator
 
 from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, Protocol, hookimpl
+from inferno.kernel.logs import get_logger
 from inferno.kernel.resources import parse_amount
 
 from . import http_hookspecs
@@ -191,10 +192,13 @@ def _host(host: str) -> str:
 class AccessLogger(AbstractAccessLogger):
     """One structured line per request, with its id and duration."""
 
+    _log = get_logger("http")
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %.1fms %s", request.method, request.path_qs,
-                         response.status, time * 1000,
-                         response.headers.get("X-Request-ID", "-"))
+        # aiohttp calls this after the request's log context ended: the id is passed again
+        self._log.info("access", method=request.method, path=request.path_qs,
+                       status=response.status, ms=round(time * 1000, 2), peer=request.remote,
+                       request_id=response.headers.get("X-Request-ID"))
 
     @property
     def enabled(self) -> bool:

@@ -414,7 +414,7 @@ def _expires(resident: Any) -> str:
     if resident.keep_alive < 0:
         return (now + timedelta(days=36525)).isoformat().replace("+00:00", "Z")
     idle = 0.0 if resident.current.inflight else time.monotonic() - resident.last_used
-    left = max(0.0, resident.keep_alive - idle)
+    left = min(max(0.0, resident.keep_alive - idle), 36525 * 86400.0)
     return (now + timedelta(seconds=left)).isoformat().replace("+00:00", "Z")
 
 
