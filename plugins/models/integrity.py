@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -39,10 +40,20 @@ class ChecksumCache:
     def __init__(self, db_path: Path) -> None:
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent: set once for every process
-            with db:
-                db.execute(SCHEMA)
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                with closing(self._connect()) as db:
+                    db.execute("PRAGMA journal_mode=WAL")  # persistent: once for every process
+                    with db:
+                        db.execute(SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                # two processes creating the file at once: switching the journal mode does
+                # not wait on the busy timeout, so wait here
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def sha256(self, path: Path) -> str:
         """The lowercase hex SHA-256 of the file at ``path``, from the cache when the file's
