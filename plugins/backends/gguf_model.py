@@ -272,11 +272,12 @@ class GgufModel(LoadedModel):
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         return (await self.embed_counted(inputs))[0]
 
-    async def embed_counted(self, inputs: Sequence[str]) -> tuple[list[list[float]], int | None]:
+    async def embed_counted(self, inputs: Sequence[str]
+                            ) -> tuple[list[list[float]], list[int] | None]:
         if isinstance(inputs, str) or not all(isinstance(text, str) for text in inputs):
             raise RequestError(self.name, "embedding inputs must be a list of strings")
         if not inputs:
-            return [], 0
+            return [], []
         async with self._embed_lock:
             self._check_open()
             if self._embedder is None:
@@ -284,14 +285,14 @@ class GgufModel(LoadedModel):
                                                        self.options)
             embedder = self._embedder
             limit = embedder.n_ctx()
-            total = 0
+            counts = []
             for index, text in enumerate(inputs):
                 count = len(embedder.tokenize(text.encode("utf-8")))
                 if count > limit:
                     raise RequestError(self.name, f"input {index} has {count} tokens, more than "
                                                   f"the context size of {limit}")
-                total += count
-            return await self._on_thread(self._embed_each, embedder, list(inputs)), total
+                counts.append(count)
+            return await self._on_thread(self._embed_each, embedder, list(inputs)), counts
 
     async def _on_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)

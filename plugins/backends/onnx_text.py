@@ -199,17 +199,18 @@ class TextEncoder(TextModel):
         """One unit vector per text, in the order given."""
         return await self.batched(inputs, self.embed_encodings)
 
-    async def embed_counted(self, inputs: Sequence[str]) -> tuple[list[list[float]], int | None]:
-        """The vectors, and the tokens read (after truncation) counted from the encodings
-        ``embed`` makes anyway."""
-        counts: list[int] = []
+    async def embed_counted(self, inputs: Sequence[str]
+                            ) -> tuple[list[list[float]], list[int] | None]:
+        """The vectors, and each input's tokens (after truncation) counted from the
+        encodings ``embed`` makes anyway."""
 
-        def compute(encodings: list[Encoding]) -> list[list[float]]:
-            counts.append(sum(len(encoding) for encoding in encodings))
-            return self.embed_encodings(encodings)
+        def compute(encodings: list[Encoding]) -> list[tuple[list[float], int]]:
+            vectors = self.embed_encodings(encodings)
+            return [(vector, len(encoding)) for vector, encoding in zip(vectors, encodings,
+                                                                         strict=True)]
 
-        vectors = await self.batched(inputs, compute)
-        return vectors, sum(counts)
+        pairs = await self.batched(inputs, compute)
+        return [vector for vector, _ in pairs], [count for _, count in pairs]
 
     def embed_encodings(self, encodings: list[Encoding]) -> list[list[float]]:
         feeds, mask = self.feeds(encodings)

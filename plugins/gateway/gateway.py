@@ -20,6 +20,7 @@ import structlog
 
 from inferno.kernel import GenerationRequest, KernelHandle
 
+from .batching import EmbeddingBatcher
 from .bodies import EmbeddingPlan, GenerationPlan, parse_chat, parse_completion, parse_embeddings
 from .calls import Call, Delta, Final, Handler, Middleware, StreamReply, ValueReply
 from .errors import ApiError, as_api_errors, invalid
@@ -43,6 +44,9 @@ class Gateway:
                              limit=int(config["queue_limit"]),
                              timeout=float(config["queue_timeout"]),
                              retry_after=float(config["retry_after"]))
+        self.batcher = EmbeddingBatcher(
+            self.queues, lambda model, keep: self.models.use(model, keep_alive=keep),
+            int(config["embedding_batch"]))
         self.middlewares = sorted(middlewares, key=lambda m: getattr(m, "order", 500))
         self.operations: dict[str, Operation] = {
             "chat": self._chat, "completion": self._completion, "embeddings": self._embeddings,
@@ -172,16 +176,15 @@ class Gateway:
     async def _embeddings(self, call: Call) -> ValueReply:
         plan = parse_embeddings(call.body)
         entry = self.models.entry(plan.model)
+        if entry.unavailable:
+            raise ApiError(503, f"model {entry.name!r} is unavailable: {entry.unavailable}",
+                           param="model", code="model_unavailable")
         call.state["plan"] = plan
-        ticket = self.queues.enter(entry.name)
-        try:
-            async with ticket.turn() as waited, \
-                    self.models.use(entry.name, keep_alive=plan.keep_alive) as loaded:
-                vectors, tokens = await loaded.embed_counted(list(plan.inputs))
-                if tokens is None:
-                    tokens = _count_tokens(loaded, plan.inputs)
-        finally:
-            ticket.release()
+        done = await self.batcher.embed(entry.name, plan.inputs, plan.keep_alive)
+        vectors, waited = done.vectors, done.waited
+        tokens = done.tokens
+        if tokens is None:
+            tokens = _count_tokens(self.models.residents.get(entry.name), plan.inputs)
         dimensions = plan.extra.get("dimensions")
         if dimensions is not None and vectors and dimensions != len(vectors[0]):
             raise invalid(f"dimensions {dimensions} is not this model's: {entry.name!r} makes "
@@ -275,8 +278,9 @@ def _name(call: Call) -> str:
     return name
 
 
-def _count_tokens(model: Any, inputs: Any) -> int:
-    counter = getattr(model, "count_tokens", None)
+def _count_tokens(resident: Any, inputs: Any) -> int:
+    """Tokens of ``inputs`` for a backend whose ``embed_counted`` does not count them."""
+    counter = getattr(resident.current.model, "count_tokens", None) if resident else None
     if counter is None:
         return 0
     return sum(int(counter(text)) for text in inputs)

@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "queue_timeout": 120.0,
     # Seconds a refused client is told to wait (the Retry-After header).
     "retry_after": 2,
+    # Most inputs of embedding requests gathered into one backend call while a model is busy.
+    "embedding_batch": 32,
 }
 
 
@@ -40,6 +42,7 @@ def inferno_config_spec() -> ConfigSpec:
         Validator("queue_limit", gte=0, is_type_of=int),
         Validator("queue_timeout", gt=0),
         Validator("retry_after", gte=0),
+        Validator("embedding_batch", gte=1, is_type_of=int),
     ])
 
 
