@@ -39,8 +39,7 @@ PROMPT = "The history of the printing press begins"
 
 def kernel_sets(data_dir: str) -> list[str]:
     return [f'kernel.data_dir="{data_dir}"', "protocols.http.port=0",
-            "plugins.models.watch_interval=0", "logging.level=\"warning\"",
-            "protocols.http.access_log=false"]
+            "plugins.models.watch_interval=0", "protocols.http.access_log=false"]
 
 
 # --------------------------------------------------------------------------- http-stream
@@ -216,6 +215,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["http-stream", "http-overhead", "stdin-embed"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    from inferno.kernel.logs import configure_logging
+
+    configure_logging("console", "warning")  # stderr; stdout is for the figures
     results: dict[str, Any] = {}
     if args.only in (None, "http-stream"):
         results["http-stream"] = asyncio.run(http_stream(args.rounds))
