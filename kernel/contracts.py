@@ -214,9 +214,11 @@ class Principal:
 
 @dataclass(frozen=True)
 class Credentials:
-    """What a request presented: headers (lower-case names) and the peer address."""
+    """What a request presented: headers (lower-case names) and the peer address. The
+    headers never appear in its ``repr`` (nor so in logs and tracebacks): they may carry
+    keys, tokens and cookies."""
 
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(repr=False)
     peer: str = ""
 
 

@@ -45,7 +45,11 @@ def configure_logging(fmt: str = "console", level: str = "info",
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # tracebacks without local variables: they would print requests' credentials
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(),
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+            if _has_rich() else structlog.dev.plain_traceback)
     structlog.configure(
         processors=[*shared, by_plugin, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -82,3 +86,11 @@ def request_context(request_id: str | None = None, **values: Any) -> Iterator[st
     rid = request_id or uuid.uuid4().hex
     with structlog.contextvars.bound_contextvars(request_id=rid, **values):
         yield rid
+
+
+def _has_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -340,3 +340,29 @@ async def test_embedding_requests_that_wait_together_run_as_one_batch(edge_kerne
     assert len(mixed[0].value["data"]) == 1  # a bad neighbour fails only its own request
     assert isinstance(mixed[1], ApiError)
     assert mixed[1].message == "poison is not embeddable"
+
+
+class LateRefuser:
+    """A middleware that fails after the stream was made (as a cache might while storing)."""
+
+    order = 50
+
+    async def __call__(self, call: Call, handler: Any) -> Any:
+        await handler(call)
+        raise ApiError(500, "failed after the handler", code="late")
+
+    @staticmethod
+    @hookimpl
+    def inferno_request_middleware(kernel: Any) -> Any:
+        return LateRefuser()
+
+
+async def test_a_stream_a_middleware_drops_gives_its_queue_place_back(make_kernel: Any) -> None:
+    kernel = make_kernel(None, base="edge", plugins={"late": LateRefuser},
+                         sets=["plugins.models.watch_interval=0"])
+    async with kernel.running(protocols=False):
+        gateway = kernel.service("gateway")
+        with pytest.raises(ApiError, match="failed after the handler"):
+            await gateway.run(Call("completion", {"model": "gemma-3-270m", "prompt": "a"}))
+        assert gateway.queues.stats()["gemma-3-270m"]["running"] == 0
+        assert kernel.inflight == 0

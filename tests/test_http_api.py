@@ -307,6 +307,10 @@ async def test_more_requests_than_max_concurrent_get_503_but_health_checks_pass(
             assert headers["Retry-After"] == "1"
             assert (await fetch("GET", server.url + "/health/live"))[0] == 200
             assert (await fetch("GET", server.url + "/health/ready"))[0] == 200
+            # a header alone does not make a request long-lived (exempt from the limit)
+            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+            assert (await fetch("GET", server.url + "/api/v1/models", headers=upgrade))[0] \
+                == 503
 
 
 # --------------------------------------------------------------------------- transports
@@ -330,6 +334,34 @@ async def test_cors_answers_preflights_from_the_configured_origin_only(tmp_path:
             async with session.get(server.url + "/api/v1/status",
                                    headers={"Origin": "https://app.example"}) as simple:
                 assert simple.headers["Access-Control-Allow-Origin"] == "https://app.example"
+                assert simple.headers["Access-Control-Allow-Credentials"] == "true"
+
+
+async def test_any_origin_never_gets_credentials(tmp_path: Path) -> None:
+    with ServerThread("edge", tmp_path, sets=['protocols.http.cors_origins=["*"]']) as server:
+        async with aiohttp.ClientSession() as session, session.get(
+                server.url + "/api/v1/status", headers={"Origin": "https://any.example"}
+        ) as response:
+            assert response.status == 200
+            assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+async def test_pages_of_other_sites_cannot_use_a_local_server(edge_server: Any) -> None:
+    """A web page may POST text/plain to 127.0.0.1 without a preflight: the Origin header
+    is what gives it away."""
+    body = '{"model": "minilm", "input": "hi"}'
+    plain = {"Content-Type": "text/plain"}
+    url = edge_server.url
+    status, answer, _ = await fetch("POST", url + "/v1/embeddings", data=body,
+                                    headers={**plain, "Origin": "https://evil.example"})
+    assert (status, answer["error"]["code"]) == (403, "origin_not_allowed")
+    assert "protocols.http.cors_origins" in answer["error"]["message"]
+    status, _, _ = await fetch("POST", url + f"/api/v1/models/{MINILM}/unload",
+                               headers={"Origin": "https://evil.example"})
+    assert status == 403
+    assert (await fetch("POST", url + "/v1/embeddings", data=body, headers=plain))[0] == 200
+    same = {**plain, "Origin": url}  # the server's own pages (a dashboard) may
+    assert (await fetch("POST", url + "/v1/embeddings", data=body, headers=same))[0] == 200
 
 
 def write_self_signed(folder: Path) -> tuple[Path, Path]:

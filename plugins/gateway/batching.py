@@ -50,6 +50,15 @@ class EmbeddingBatcher:
         self._waiting: dict[str, _Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    async def close(self, timeout: float = 10.0) -> None:
+        """Let running batches finish (bounded), then cancel what is left."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
     async def embed(self, model: str, inputs: Sequence[str], keep_alive: float | None
                     ) -> Embedded:
         """``inputs`` embedded by ``model``, alone or in a batch; ``ApiError`` (503) when the

@@ -163,7 +163,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, Mapping):
             raise invalid(f"{where} must be an object, got {_kind(message)}", where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise invalid(f"{where}.role must be one of {', '.join(sorted(ROLES))}, got "
                           f"{role!r}", f"{where}.role")
         content = _content(message.get("content"), f"{where}.content",
@@ -209,8 +209,10 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     calls = []
     for index, call in enumerate(value):
         function = call.get("function") if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise invalid(f"{where}[{index}] must be {{id, type: 'function', function: "
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) \
+                or not isinstance(call.get("id", ""), str) \
+                or not isinstance(function.get("arguments", "{}"), str | Mapping):
+            raise invalid(f"{where}[{index}] must be {{id: string, type: 'function', function: "
                           f"{{name, arguments}}}}", f"{where}[{index}]")
         calls.append({"id": call.get("id", ""), "name": function["name"],
                       "arguments": function.get("arguments", "{}")})

@@ -9,6 +9,7 @@ reply is iterated.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
@@ -58,6 +59,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ pipeline
 
+    async def close(self) -> None:
+        """Wait for embedding batches still running (their callers may have left)."""
+        await self.batcher.close()
+
     def add_operation(self, name: str, operation: Operation) -> None:
         """Let a plugin serve a new operation through the same middlewares."""
         if name in self.operations:
@@ -73,6 +78,9 @@ class Gateway:
                 await stack.enter_async_context(self.kernel.admit())
                 reply = await self._chain(call)
         except BaseException:
+            made = call.state.get("reply")  # a middleware failed after the stream was made:
+            if isinstance(made, StreamReply):  # give its queue place back
+                await made.aclose()
             await stack.aclose()
             raise
         if isinstance(reply, StreamReply):
@@ -126,6 +134,7 @@ class Gateway:
         events = self._generate(entry.name, plan, request, ticket)
         reply = StreamReply(entry.name, events, kind=plan.kind)
         reply.on_close(ticket.release)  # also when it is closed before it started
+        call.state["reply"] = reply
         return reply
 
     async def _generate(self, model: str, plan: GenerationPlan, request: GenerationRequest,
@@ -205,8 +214,8 @@ class Gateway:
         if resident is not None:
             details["info"] = _jsonable(resident.current.model.info)
         else:
-            try:
-                described = self.models.describe(entry.name)
+            try:  # reading a header is file I/O: off the event loop
+                described = await asyncio.to_thread(self.models.describe, entry.name)
                 details["format"] = described.format
                 details["size"] = described.size
                 details["metadata"] = _jsonable(described.metadata)

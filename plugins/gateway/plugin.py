@@ -63,4 +63,7 @@ async def _serve(kernel: KernelHandle) -> AsyncIterator[None]:
         middlewares.extend(result if isinstance(result, list | tuple) else [result])
     gateway = Gateway(kernel, config, middlewares, get_logger("gateway"))
     kernel.provide("gateway", gateway)
-    yield
+    try:
+        yield
+    finally:
+        await gateway.close()

@@ -24,7 +24,15 @@ from inferno.kernel.logs import get_logger
 from inferno.kernel.resources import parse_amount
 
 from . import http_hookspecs
-from .web import MAX_BODY_SIZE, READ_TIMEOUT, SERVER, Server, envelope_middleware, limit_middleware
+from .web import (
+    MAX_BODY_SIZE,
+    READ_TIMEOUT,
+    SERVER,
+    Server,
+    envelope_middleware,
+    limit_middleware,
+    origin_middleware,
+)
 
 DEFAULTS: dict[str, Any] = {
     # Address and port to listen on; port 0 picks a free port (see the log line "listening").
@@ -153,7 +161,8 @@ def build_app(server: Server, kernel: Any) -> web.Application:
 
     max_body = parse_amount(server.config["max_body_size"])
     app = web.Application(client_max_size=max_body,
-                          middlewares=[envelope_middleware(server), limit_middleware(server)])
+                          middlewares=[envelope_middleware(server), origin_middleware(server),
+                                       limit_middleware(server)])
     app[MAX_BODY_SIZE] = max_body
     app[READ_TIMEOUT] = float(server.config["read_timeout"])
     app[SERVER] = server
@@ -172,8 +181,11 @@ def build_app(server: Server, kernel: Any) -> web.Application:
 def _cors(app: web.Application, origins: list[str]) -> None:
     import aiohttp_cors
 
-    options = aiohttp_cors.ResourceOptions(allow_credentials=True, expose_headers="*",
-                                           allow_headers="*", allow_methods="*", max_age=600)
+    # credentials (cookies, Authorization) only for origins named one by one: with "*" any
+    # site could make calls that carry its visitors' credentials
+    options = aiohttp_cors.ResourceOptions(allow_credentials="*" not in origins,
+                                           expose_headers="*", allow_headers="*",
+                                           allow_methods="*", max_age=600)
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)

@@ -8,7 +8,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +55,35 @@ def credentials(request: web.Request) -> Credentials:
     return Credentials(headers=headers, peer=peer)
 
 
-def error_response(error: ApiError, request_id: str = "") -> web.Response:
+def origin_allowed(request: web.BaseRequest, origins: Sequence[str]) -> bool:
+    """Whether a request may be served given its ``Origin`` header: none (not a browser),
+    the server's own origin, or one of ``origins`` (``"*"`` allows any).
+
+    A web page may send simple requests (a ``text/plain`` POST, a WebSocket upgrade) to a
+    server on loopback without any preflight; this check keeps pages of other sites from
+    using a local Inferno (loading models, reading answers) behind their user's back."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in origins or origin in origins:
+        return True
+    own = f"{request.scheme}://{request.host}"
+    return origin.lower() == own.lower()
+
+
+def forbidden_origin(request: web.BaseRequest) -> ApiError:
+    return ApiError(403, f"requests from the web origin {request.headers.get('Origin')!r} are "
+                         f"not allowed; add it to protocols.http.cors_origins to allow them",
+                    code="origin_not_allowed")
+
+
+def error_response(error: ApiError, request_id: str = "", path: str = "") -> web.Response:
+    """The error in the envelope its route's clients read: ``{"error": "..."}`` on the
+    Ollama-compatible routes (``/api/...`` but not ``/api/v1``), OpenAI's elsewhere."""
     headers = {"X-Request-ID": request_id} if request_id else {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
-    return web.json_response(error.envelope(), status=error.status, headers=headers)
+    ollama = path.startswith("/api/") and not path.startswith("/api/v1/")
+    body = {"error": error.message} if ollama else error.envelope()
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 def envelope_middleware(server: Server) -> Any:
@@ -77,21 +101,37 @@ def envelope_middleware(server: Server) -> Any:
             try:
                 response = await handler(request)
             except ApiError as exc:
-                return error_response(exc, request[REQUEST_ID])
+                return error_response(exc, request[REQUEST_ID], request.path)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                return error_response(_http_error(exc, request), request[REQUEST_ID])
+                return error_response(_http_error(exc, request), request[REQUEST_ID],
+                                      request.path)
             except (asyncio.CancelledError, ConnectionResetError):
                 raise
             except Exception as exc:
                 error = from_exception(exc)
                 if error.status >= 500 and not isinstance(exc, ApiError):
                     server.log.exception("request failed", error=str(exc))
-                return error_response(error, request[REQUEST_ID])
+                return error_response(error, request[REQUEST_ID], request.path)
             if not response.prepared:
                 response.headers["X-Request-ID"] = request[REQUEST_ID]
             return response
+
+    return middleware
+
+
+def origin_middleware(server: Server) -> Any:
+    """Refuse requests a web page of another site sent (see ``origin_allowed``)."""
+    origins = list(server.config["cors_origins"])
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request],
+                                                                 Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        if request.method != "OPTIONS" and not origin_allowed(request, origins):
+            raise forbidden_origin(request)
+        return await handler(request)
 
     return middleware
 
@@ -105,7 +145,7 @@ def limit_middleware(server: Server) -> Any:
                                                                  Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
         if request.path.startswith("/health/") or \
-                request.headers.get("Upgrade", "").lower() == "websocket":
+                getattr(request.match_info.handler, "long_lived", False):
             return await handler(request)  # a socket is not a request: it has its own limits
         if server.active >= limit:
             raise ApiError(503, f"the server is serving {limit} requests, the most it takes at "
@@ -156,6 +196,9 @@ async def read_json(request: web.Request) -> Any:
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line "
                             f"{exc.lineno} column {exc.colno}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests arrays or objects too deeply",
+                       code="invalid_json") from None
 
 
 def json_response(value: Any, status: int = 200) -> web.Response:
