@@ -3,11 +3,16 @@ with the edge profile's real models (Gemma for text, MiniLM for embeddings)."""
 
 from __future__ import annotations
 
+import array
+import asyncio
+import fcntl
 import json
 import os
 import pty
 import signal
 import subprocess
+import sys
+import termios
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -16,6 +21,7 @@ from typing import Any
 import pytest
 
 from inferno.plugins.protocols.stdin import escape
+from inferno.plugins.protocols.stdio import Output
 
 from .conftest import INFERNO
 
@@ -24,6 +30,8 @@ pytestmark = pytest.mark.timeout(180)
 COMMAND = [str(INFERNO), "--profile", "edge", "--protocol", "stdin"]
 GEMMA = {"model": "gemma-3-270m", "max_tokens": 4, "temperature": 0}
 TEXT_MODE = ["--set", 'protocols.stdin.mode="text"']
+#: Gemma's end-of-generation tokens (<eos>, <end_of_turn>, <eot>), banned to keep it going.
+NO_END = {"1": -100, "106": -100, "212": -100}
 
 
 def isolated_env(data_dir: Path) -> dict[str, str]:
@@ -48,11 +56,18 @@ def run(data: bytes, *args: str, tmp: Path, env: Mapping[str, str] | None = None
                               check=False)
 
 
+def strict_json(line: str) -> Any:
+    """JSON as the standard has it: no NaN or Infinity, which Python's json accepts."""
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"{constant} is not JSON: {line[:200]}")
+    return json.loads(line, parse_constant=refuse)
+
+
 def objects(stdout: bytes) -> list[dict[str, Any]]:
     """Every stdout line as a JSON object; fails on any line that is not one."""
     lines = stdout.decode().splitlines()
     assert stdout.endswith(b"\n") or not stdout, "the last line is cut short"
-    parsed = [json.loads(line) for line in lines]
+    parsed = [strict_json(line) for line in lines]
     assert all(isinstance(item, dict) for item in parsed)
     return parsed
 
@@ -156,6 +171,83 @@ def test_logs_go_to_stderr_and_stdout_carries_data_alone(mixed):
     assert b"[info" not in mixed.stdout
 
 
+def test_lines_that_are_no_request_get_400_error_lines_and_the_next_line_still_runs(tmp_path):
+    result = run(jsonl(
+        {"type": [], "prompt": "x"},                                     # 1
+        {"type": {"chat": True}, "input": "x"},                          # 2
+        "[" * 100_000 + "]" * 100_000,                                   # 3
+        '{"id": NaN, "model": "minilm", "input": "x"}',                  # 4
+        '{"id": Infinity, "model": "minilm", "input": "x"}',             # 5
+        '{"id": -Infinity, "model": "minilm", "input": "x"}',            # 6
+        '{"id": 1' + "0" * 5000 + ', "model": "minilm", "input": "x"}',  # 7
+        {"id": "b", "model": "minilm", "input": "hi"}), tmp=tmp_path)    # 8
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    lines = objects(result.stdout)  # NaN echoed back would fail here
+    errors = {line["line"]: line for line in lines if line["type"] == "error"}
+    assert set(errors) == {1, 2, 3, 4, 5, 6, 7}
+    assert all(e["error"]["status"] == 400 and e["id"] == n for n, e in errors.items())
+    assert [errors[n]["error"]["param"] for n in (1, 2)] == ["type", "type"]
+    assert "got an array" in errors[1]["error"]["message"]
+    assert {errors[n]["error"]["code"] for n in (3, 7)} == {"invalid_json"}
+    assert "too deeply" in errors[3]["error"]["message"]
+    assert {errors[n]["error"]["param"] for n in (4, 5, 6)} == {"id"}
+    assert "finite" in errors[4]["error"]["message"]
+    (done,) = by_id(lines)["b"]
+    assert done["type"] == "done"
+    assert "Traceback" not in result.stderr.decode()
+
+
+#: ``inferno`` with a bug planted where each line is turned into a request: the input "break"
+#: raises, as an unforeseen bug in Inferno would.
+PLANTED_BUG = """
+import sys
+from inferno.kernel.cli import main
+from inferno.plugins.protocols.stdin import StdinProtocol
+
+merged = StdinProtocol._merged
+
+def broken(self, operation, body):
+    if body.get("input") == "break":
+        raise RuntimeError("a planted bug")
+    return merged(self, operation, body)
+
+StdinProtocol._merged = broken
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("mode", ["json", "text"])
+def test_a_line_that_breaks_inferno_gets_a_500_and_the_next_lines_still_run(tmp_path, mode):
+    """The safety net under every line: whatever fails reading a line costs that line only."""
+    source = tmp_path / "input.txt"
+    if mode == "json":
+        source.write_bytes(jsonl({"id": "x", "model": "minilm", "input": "break"},
+                                 {"id": "y", "model": "minilm", "input": "fine"}))
+    else:
+        source.write_bytes(b"break\nfine\n")
+    with source.open("rb") as stdin:
+        result = subprocess.run(
+            [sys.executable, "-c", PLANTED_BUG, *COMMAND[1:], "--set",
+             'protocols.stdin.model="minilm"', "--set", f'protocols.stdin.mode="{mode}"'],
+            stdin=stdin, capture_output=True, env=isolated_env(tmp_path / "data"), timeout=150,
+            check=False)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr[-2000:]
+    assert "RuntimeError: a planted bug" in stderr  # logged with its traceback
+    assert "line failed" in stderr
+    if mode == "text":
+        broken, fine = result.stdout.decode().splitlines()
+        assert broken == ""
+        assert len(json.loads(fine)) == 384
+        return
+    found = by_id(objects(result.stdout))
+    (error,) = found["x"]
+    assert error["error"]["status"] == 500
+    assert error["error"]["code"] == "internal_error"
+    assert error["line"] == 1
+    assert found["y"][0]["type"] == "done"
+
+
 def test_debug_logging_still_leaves_stdout_to_data(tmp_path):
     result = run(jsonl({"id": 1, "model": "minilm", "input": "x"}, "oops"),
                  "--set", 'logging.level="debug"', tmp=tmp_path)
@@ -239,6 +331,94 @@ def test_sigterm_stops_a_pipeline_whose_input_is_still_open(spawn):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     process.stdin.close()
+
+
+def queued_bytes(pipe: Any) -> int:
+    """Bytes written into ``pipe`` and not read yet."""
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+def test_sigterm_stops_inferno_promptly_while_nobody_reads_its_stdout(spawn):
+    """A reader that stopped reading fills the pipe; Inferno itself must not freeze on it."""
+    process = spawn()
+    assert process.stdin is not None
+    assert process.stdout is not None
+    process.stdin.write(jsonl(*({"id": n, "model": "minilm", "input": f"sentence {n}"}
+                                for n in range(300))))  # ~2.4 MB of answers
+    process.stdin.flush()
+    # Half full is enough: the rest of the answers cannot fit, and a pipe written line by line
+    # may be full well before its capacity (it fills whole pages).
+    half = fcntl.fcntl(process.stdout.fileno(), fcntl.F_GETPIPE_SZ) // 2
+    deadline = time.monotonic() + 60
+    while queued_bytes(process.stdout) < half:
+        assert time.monotonic() < deadline, "no answers came on standard output"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert process.wait(timeout=30) == 0
+    assert time.monotonic() - signalled < 8  # kernel.stop_timeout is 10 s
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert "standard output is not being read" in stderr
+    assert "Traceback" not in stderr
+    process.stdin.close()
+
+
+def test_a_request_still_running_at_stop_timeout_gets_an_error_line_before_exit(spawn):
+    """SIGTERM gives a long generation stop_timeout; then it is cancelled, and its cleanup
+    (the model let go, its error line written) finishes before Inferno exits."""
+    process = spawn("--set", "kernel.stop_timeout=2", "--set", "kernel.drain_timeout=0.5")
+    assert process.stdin is not None
+    assert process.stdout is not None
+    process.stdin.write(jsonl({"id": "long", **GEMMA, "max_tokens": 2000, "stream": True,
+                               "logit_bias": NO_END,
+                               "messages": [{"role": "user", "content": "Tell a story"}]}))
+    process.stdin.flush()
+    first = [json.loads(process.stdout.readline())]
+    assert first[0]["type"] == "delta"
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert time.monotonic() - signalled < 4
+    *deltas, last = first + objects(stdout)
+    assert {line["type"] for line in deltas} == {"delta"}
+    assert last["id"] == "long"
+    assert last["type"] == "error"
+    assert last["error"] | {"message": ""} == {
+        "message": "", "type": "server_error", "param": None, "code": "shutdown",
+        "status": 503}
+    assert "failed to stop" not in stderr.decode()
+
+
+async def test_output_holds_writers_back_past_its_limit_and_lets_them_go_as_the_reader_reads(
+        ) -> None:
+    read_end, write_end = os.pipe()
+    line = b"x" * 1023 + b"\n"
+    output = Output(lambda error: None, fd=write_end, limit=64 * 1024)
+    try:
+        for _ in range(512):  # 512 KiB: the pipe (64 KiB) is full, the rest is queued
+            output.write(line)
+        drain = asyncio.ensure_future(output.drain())
+        done, _ = await asyncio.wait({drain}, timeout=0.5)
+        assert not done  # nobody reads: the writer waits, while the loop goes on
+        received = await asyncio.to_thread(read_exactly, read_end, 512 * len(line))
+        await asyncio.wait_for(drain, 10)
+        await asyncio.wait_for(output.flush(), 10)
+        assert received == line * 512  # whole lines, in order
+        assert output.queued == 0
+    finally:
+        output.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        data += os.read(fd, size - len(data))
+    return data
 
 
 def test_a_terminal_is_read_line_by_line_and_ctrl_d_ends_the_input(spawn):

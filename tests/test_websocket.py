@@ -257,6 +257,11 @@ async def test_a_disconnect_cancels_the_generation(server: ServerThread) -> None
     ("{not json", "invalid_json"),
     ("[1, 2]", "invalid_message"),
     ('{"type": "shout", "id": 1}', "unknown_type"),
+    ('{"type": [1], "id": 1}', "unknown_type"),
+    ('{"type": {"chat": true}}', "unknown_type"),
+    pytest.param("[" * 30_000 + "]" * 30_000, "invalid_json", id="nested-too-deep"),
+    pytest.param('{"type": "ping", "id": 1' + "0" * 5000 + "}", "invalid_json",
+                 id="number-too-long"),
     ('{"type": "chat", "model": "gemma-3-270m", "messages": []}', "missing_id"),
     ('{"type": "chat", "id": true}', "invalid_id"),
     ('{"type": "subscribe", "topics": "model.*"}', "invalid_value"),
@@ -272,6 +277,20 @@ async def test_a_bad_frame_is_an_error_frame_and_the_connection_serves_on(
     assert error["error"]["message"]
     await send(ws, type="ping", id=2)
     assert await ws.receive_json() == {"type": "pong", "id": 2}
+
+
+async def test_a_connection_subscribes_to_at_most_64_topics(
+        ws: aiohttp.ClientWebSocketResponse) -> None:
+    await send(ws, type="subscribe", topics=[f"custom.{n}" for n in range(64)])
+    assert len((await ws.receive_json())["topics"]) == 64
+    await send(ws, type="subscribe", id="more", topics=["custom.0", "model.*"])
+    error = await ws.receive_json()
+    assert error["id"] == "more"
+    assert error["error"] | {"message": ""} == {
+        "message": "", "type": "invalid_request_error", "param": "topics",
+        "code": "too_many_topics", "status": 400}
+    await send(ws, type="subscribe", topics=["custom.0"])  # already one: still 64
+    assert len((await ws.receive_json())["topics"]) == 64
 
 
 async def test_a_binary_frame_is_an_error_frame(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -320,6 +339,72 @@ async def test_a_plain_get_of_the_endpoint_says_to_upgrade(server: ServerThread)
             session.get(server.url + "/v1/ws") as response:
         assert response.status == 426
         assert (await response.json())["error"]["code"] == "websocket_required"
+
+
+# --------------------------------------------------------------------------- web origins
+
+ALLOWED = "https://app.example"
+FOREIGN = "https://elsewhere.example"
+
+
+async def connects(url: str, origin: str | None) -> int:
+    """101 when a client that sends ``origin`` gets a working connection, else the status
+    of the refusal."""
+    headers = {"Origin": origin} if origin else {}
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url, headers=headers) as ws:
+                await send(ws, type="ping")
+                assert await ws.receive_json() == {"type": "pong"}
+                return 101
+        except aiohttp.WSServerHandshakeError as refused:
+            return refused.status
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """WebSocket on the port of an HTTP server that allows one web origin and serves one
+    request at a time."""
+    with ServerThread("edge", tmp_path_factory.mktemp("guarded"), sets=[
+            "protocols.websocket.port=0", f'protocols.http.cors_origins=["{ALLOWED}"]',
+            "protocols.http.max_concurrent=1"]) as started:
+        yield started
+
+
+async def test_on_the_http_port_only_pages_of_cors_origins_or_its_own_may_connect(
+        guarded: ServerThread) -> None:
+    url = endpoint(guarded)
+    assert await connects(url, None) == 101  # not a browser
+    assert await connects(url, guarded.url) == 101  # a page Inferno served
+    assert await connects(url, ALLOWED) == 101
+    assert await connects(url, FOREIGN) == 403
+
+
+async def test_on_its_own_port_only_pages_of_allowed_origins_or_its_own_may_connect(
+        tmp_path: Path) -> None:
+    with ServerThread("edge", tmp_path, sets=[
+            "protocols.http.enabled=false", "protocols.websocket.port=0",
+            f'protocols.websocket.allowed_origins=["{ALLOWED}"]']) as server:
+        url = endpoint(server)
+        own = "http" + url.removeprefix("ws").removesuffix("/v1/ws")
+        assert await connects(url, None) == 101
+        assert await connects(url, own) == 101
+        assert await connects(url, ALLOWED) == 101
+        assert await connects(url, FOREIGN) == 403
+        async with aiohttp.ClientSession() as session, \
+                session.get(own + "/v1/ws", headers={"Origin": FOREIGN}) as response:
+            error = (await response.json())["error"]
+        assert response.status == 403
+        assert error["code"] == "origin_not_allowed"
+        assert "protocols.websocket.allowed_origins" in error["message"]
+
+
+async def test_open_sockets_leave_the_http_concurrency_limit_to_requests(
+        guarded: ServerThread) -> None:
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(endpoint(guarded)), session.ws_connect(endpoint(guarded)), \
+            session.get(guarded.url + "/v1/models") as response:
+        assert response.status == 200  # max_concurrent is 1
 
 
 # --------------------------------------------------------------------------- standalone

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,8 +39,9 @@ DEFAULTS: dict[str, Any] = {
     # Text mode: "completion", "chat" (the line as a user message), "embeddings" or "auto"
     # (embeddings for an ONNX model, completion otherwise).
     "type": "auto",
-    # Requests in flight at once; reading pauses at the limit. Keep it at or below
-    # plugins.gateway.queue_limit, or the excess is refused as a full queue.
+    # Requests in flight at once; reading pauses at the limit. Keep it at most
+    # plugins.gateway.queue_limit plus the model's concurrency, or the excess is refused
+    # as a full queue.
     "max_concurrent": 8,
     # The longest input line accepted; a longer one gets an error line and is skipped.
     "max_line_size": "1MiB",
@@ -49,6 +51,11 @@ DEFAULTS: dict[str, Any] = {
 
 _FIELDS = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS, "embeddings": EMBEDDING_FIELDS}
 _INFERRED = (("messages", "chat"), ("prompt", "completion"), ("input", "embeddings"))
+#: Seconds of kernel.stop_timeout kept, at most, for each of the last steps of a stop: the
+#: cancelled requests' cleanup, then the last answers' writing.
+CLEANUP_SECONDS = 1.0
+#: At a stop, the last answers are given up once standard output took nothing for this long.
+STALL_SECONDS = 2.0
 
 
 class StdinProtocol(Protocol):
@@ -95,6 +102,8 @@ class StdinProtocol(Protocol):
         #: Text mode: answers finished out of turn, by line number, and the next to write.
         self.waiting: dict[int, bytes] = {}
         self.next_line = 1
+        #: Set when a stop cancels the requests still running: each says so on its line.
+        self.cut_off = False
 
     async def start(self) -> None:
         self.gateway = self.context.kernel.service("gateway")
@@ -108,12 +117,30 @@ class StdinProtocol(Protocol):
         self.log.debug("reading standard input", mode=self.config["mode"], source=self.input.kind)
 
     async def stop(self) -> None:
+        """No more reading; the requests in flight finish and their answers are written, all
+        within ``kernel.stop_timeout``: what still runs near its end is cancelled (and
+        awaited, so that it lets go of its model before the models plugin stops)."""
         self.reader.cancel()
+        self.output.release()
+        loop = asyncio.get_running_loop()
+        timeout = float(self.context.kernel.config["kernel"]["stop_timeout"])
+        cleanup = min(CLEANUP_SECONDS, timeout / 4)
+        end = loop.time() + timeout - cleanup / 2  # a margin inside the kernel's limit
         try:
-            await self.main  # the requests in flight finish (within kernel.stop_timeout)
+            await asyncio.wait({self.main}, timeout=max(0.0, end - 2 * cleanup - loop.time()))
+            running = [self.main, *self.tasks]
+            if not all(task.done() for task in running):
+                self.log.warning("requests still running at stop_timeout; cancelling them",
+                                 inflight=len(self.tasks))
+                self.cut_off = True
+                for task in running:
+                    task.cancel()
+                await asyncio.wait(running, timeout=max(0.0, end - cleanup - loop.time()))
+            written = await self.output.finish(max(0.0, end - loop.time()), STALL_SECONDS)
+            if not written:
+                self.log.warning("standard output is not being read; the last answers are "
+                                 "lost", bytes=self.output.queued)
         finally:
-            for task in list(self.tasks):
-                task.cancel()
             self.watch.cancel()
             self.input.close()
             self.output.close()
@@ -129,28 +156,50 @@ class StdinProtocol(Protocol):
             self.log.error("reading standard input failed", error=repr(self.reader.exception()))
         while self.tasks:
             await asyncio.wait(set(self.tasks))
+        await self.output.flush()  # a slow reader gets every answer before Inferno exits
         await self.ready.wait()  # shutting down while the kernel still starts would fail it
         self.log.info("input done", reason=self.reason)
         self.context.kernel.shutdown(self.reason)
 
     async def _read(self) -> None:
+        line = self._text_line if self.text_mode else self._json_line
         async for number, raw in self.input.lines():
-            if self.text_mode:
-                await self.slots.acquire()  # held until the line's answer is written
-                self._text_line(number, raw)
-                continue
-            if raw is not TOO_LONG and not raw.strip():
-                continue
-            ident: Any = number
             try:
-                value = self._parse(number, raw)
-                ident = self._ident(number, value)
-                operation = self._operation(number, value)
-            except ApiError as exc:
-                self._write_error(ident, number, exc)
-                continue
-            await self.slots.acquire()
-            self._spawn(self._serve(number, ident, operation, self._merged(operation, value)))
+                await line(number, raw)
+            except Exception as exc:  # a bug costs its line, not the rest of the input
+                self._line_failed(number, number, exc)
+            await self.output.drain()  # reading waits while standard output is behind
+
+    async def _json_line(self, number: int, raw: Any) -> None:
+        if raw is not TOO_LONG and not raw.strip():
+            return
+        ident: Any = number
+        try:
+            value = self._parse(number, raw)
+            ident = self._ident(number, value)
+            operation = self._operation(number, value)
+            body = self._merged(operation, value)
+        except ApiError as exc:
+            self._write_error(ident, number, exc)
+            return
+        except Exception as exc:
+            self._line_failed(ident, number, exc)
+            return
+        await self.slots.acquire()
+        self._spawn(self._serve(number, ident, operation, body))
+
+    def _line_failed(self, ident: Any, number: int, exc: Exception) -> None:
+        """A line that broke Inferno itself: logged with its traceback, answered with a 500
+        (an empty line in text mode), and the input goes on."""
+        self.log.exception("line failed: a bug in Inferno", line=number,
+                           error=f"{type(exc).__name__}: {exc}")
+        error = ApiError(500, f"line {number}: Inferno failed on this line "
+                              f"({type(exc).__name__}); the log has the details, and the next "
+                              f"lines are read as usual", code="internal_error")
+        if not self.text_mode:
+            self._write_error(ident, number, error)
+        elif number >= self.next_line and number not in self.waiting:
+            self._answer(number, "", error.message)  # keeps the lines aligned
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)
@@ -160,9 +209,11 @@ class StdinProtocol(Protocol):
     def _on_state(self, event: KernelStateChanged) -> None:
         if event.state in ("running", "stopping", "stopped"):
             self.ready.set()
-        if event.state in ("stopping", "stopped") and not self.reader.done():
-            self.reason = f"Inferno is {event.state}"
-            self.reader.cancel()  # a signal: no new lines; those in flight finish
+        if event.state in ("stopping", "stopped"):
+            self.output.release()  # no more input to hold back: answers need not wait
+            if not self.reader.done():
+                self.reason = f"Inferno is {event.state}"
+                self.reader.cancel()  # a signal: no new lines; those in flight finish
 
     def _output_closed(self, error: OSError) -> None:
         """Standard output went away (``| head -1``): nobody reads answers any more."""
@@ -203,14 +254,17 @@ class StdinProtocol(Protocol):
                 else:
                     text, final = await reply.collect()
                     self.output.write(_encode(_done(ident, reply.model, final, text)))
+        except asyncio.CancelledError:
+            if self.cut_off:
+                self._failed(number, ident, ApiError(
+                    503, "Inferno stopped before this request finished (kernel.stop_timeout "
+                         "ran out); send it again", code="shutdown"))
+            raise
         except Exception as exc:
             error = from_exception(exc)
             if error.status >= 500 and not isinstance(exc, ApiError):
                 self.log.exception("request failed", line=number)
-            if ident is None:
-                self._answer(number, "", error.message)
-            else:
-                self._write_error(ident, number, error)
+            self._failed(number, ident, error)
         finally:
             if isinstance(reply, StreamReply):
                 await reply.aclose()
@@ -223,6 +277,14 @@ class StdinProtocol(Protocol):
                 self.output.write(_encode(_done(ident, reply.model, event)))
             elif event.text:
                 self.output.write(_encode({"id": ident, "type": "delta", "delta": event.text}))
+                await self.output.drain()  # a long stream waits for a slow reader too
+
+    def _failed(self, number: int, ident: Any, error: ApiError) -> None:
+        """A request's error line (in text mode an empty line, the error on stderr)."""
+        if ident is None:
+            self._answer(number, "", error.message)
+        else:
+            self._write_error(ident, number, error)
 
     def _write_error(self, ident: Any, number: int, error: ApiError) -> None:
         details = {**error.envelope()["error"], "status": error.status}
@@ -239,6 +301,12 @@ class StdinProtocol(Protocol):
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"line {number} is not valid JSON: {exc.msg} at column "
                                 f"{exc.colno}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, f"line {number} nests arrays or objects too deeply to read",
+                           code="invalid_json") from None
+        except ValueError as exc:  # a number of more digits than Python converts
+            raise ApiError(400, f"line {number} cannot be read: {str(exc).split(';')[0]}",
+                           code="invalid_json") from None
         if not isinstance(value, dict):
             raise invalid(f"line {number} must be a JSON object (a request), got "
                           f"{_kind(value)}", None, "invalid_json")
@@ -251,6 +319,9 @@ class StdinProtocol(Protocol):
         if isinstance(ident, bool) or not isinstance(ident, str | int | float | None):
             raise invalid(f"line {number}: id must be a string or a number, got "
                           f"{_kind(ident)}", "id")
+        if isinstance(ident, float) and not math.isfinite(ident):
+            raise invalid(f"line {number}: id must be a finite number, got {ident} (JSON "
+                          f"has no NaN or Infinity)", "id")
         return number if ident is None else ident
 
     @staticmethod
@@ -263,9 +334,10 @@ class StdinProtocol(Protocol):
             raise invalid(f"line {number}: cannot tell what is asked; give type ('chat', "
                           f"'completion' or 'embeddings'), or messages, prompt or input",
                           "type", "missing_type")
-        if operation not in _FIELDS:
+        if not isinstance(operation, str) or operation not in _FIELDS:
+            shown = repr(operation) if isinstance(operation, str) else _kind(operation)
             raise invalid(f"line {number}: type must be 'chat', 'completion' or 'embeddings', "
-                          f"got {operation!r}", "type")
+                          f"got {shown}", "type")
         return str(operation)
 
     def _merged(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +349,8 @@ class StdinProtocol(Protocol):
 
     # ------------------------------------------------------------------ text mode
 
-    def _text_line(self, number: int, raw: Any) -> None:
+    async def _text_line(self, number: int, raw: Any) -> None:
+        await self.slots.acquire()  # held until the line's answer is written
         try:
             prompt = self._decode(number, raw)
         except ApiError as exc:
@@ -327,8 +400,10 @@ async def _as_text(reply: Any) -> str:
 
 
 def _encode(value: Any) -> bytes:
-    return (json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-            + "\n").encode("utf-8", "replace")
+    """One output line; a NaN or an infinity (which JSON cannot say) raises ValueError, so
+    that the request gets an error line instead of a line no JSON parser reads."""
+    return (json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str,
+                       allow_nan=False) + "\n").encode("utf-8", "replace")
 
 
 def _done(ident: Any, model: str, final: Final, text: str | None = None) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Standard input and output for the ``stdin`` protocol: input read in bounded chunks and
-split into lines, output written one whole line at a time."""
+split into lines; output queued as whole lines and written by a thread of its own."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 #: What ``Input.lines()`` yields for a line longer than the limit (its bytes are dropped).
 TOO_LONG = object()
 CHUNK = 1 << 16
+#: Bytes queued for standard output past which ``Output.drain`` waits.
+BUFFER_LIMIT = 1 << 20
 
 
 class Input:
@@ -103,40 +105,170 @@ def _settle(future: asyncio.Future[bytes], data: bytes | OSError) -> None:
 
 
 class Output:
-    """Standard output, each line one blocking write: lines never interleave, and a slow
-    reader slows Inferno down instead of filling its memory.
+    """Standard output, written by a thread of its own: a reader that is slow, or has stopped
+    reading, never blocks the event loop (signals, other protocols and health checks go on).
+
+    ``write`` queues whole lines and returns at once; the thread writes them in order, so
+    lines never interleave. Past ``limit`` queued bytes ``drain`` waits, so that a slow reader
+    slows Inferno down instead of filling its memory.
 
     It writes to a duplicate of descriptor 1, so that a library that redirects descriptor 1
     for a while (llama-cpp-python does during a load unless Inferno stops it) cannot swallow
     answers. Once the reader is gone (EPIPE) writes are dropped and /dev/null takes
     descriptor 1's place, so that Python's flush at exit stays quiet."""
 
-    def __init__(self, on_closed: Callable[[OSError], None]) -> None:
-        self.on_closed, self.closed, self.fd = on_closed, False, -1
+    def __init__(self, on_closed: Callable[[OSError], None], *, fd: int = 1,
+                 limit: int = BUFFER_LIMIT) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.on_closed, self.limit, self.fd = on_closed, limit, -1
+        #: No more writes are taken (closed, or the reader is gone).
+        self.closed = False
+        #: Whether ``drain`` and ``flush`` wait; off once Inferno stops (see ``release``).
+        self.pacing = True
+        #: Bytes taken by ``write`` and not yet written, and bytes written so far.
+        self.queued = self.written = 0
+        self._lines: list[bytes] = []
+        self._ending = False  # the thread ends once it wrote what is queued
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        #: ``(queued bytes at most, future)``: coroutines waiting for the thread to catch up.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         try:
-            self.fd = os.dup(1)
+            self.fd = os.dup(fd)
         except OSError:
             self.closed = True  # no standard output at all: answers have nowhere to go
+            return
+        threading.Thread(target=self._run, name="inferno-stdout", daemon=True).start()
 
     def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            while data:
-                try:
-                    data = data[os.write(self.fd, data):]
-                except BlockingIOError:  # a descriptor inherited non-blocking
-                    select.select([], [self.fd], [])
-        except OSError as exc:
-            self.close()
-            with contextlib.suppress(OSError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, 1)
-                os.close(devnull)
-            self.on_closed(exc)
+        """Queue whole lines; cheap, and never blocks."""
+        with self._lock:
+            if self.closed:
+                return
+            self._lines.append(data)
+            self.queued += len(data)
+            self._wake.notify()
+
+    async def drain(self) -> None:
+        """Wait while more than ``limit`` bytes are queued; returns at once below it."""
+        if self.queued > self.limit:
+            await self._until(self.limit)
+
+    async def flush(self) -> None:
+        """Wait until everything queued is written (or the reader is gone)."""
+        if self.queued:
+            await self._until(0)
+
+    def release(self) -> None:
+        """Inferno is stopping and reads no more input: from now on ``drain`` and ``flush``
+        return at once, and ``finish`` writes what is left within its time."""
+        self.pacing = False
+        self._settle(self._take_waiters(None))
+
+    async def finish(self, timeout: float, stall: float) -> bool:
+        """Write what is queued, then close; give up after ``timeout`` seconds, or once
+        standard output took nothing for ``stall`` seconds (a reader that stopped reading).
+        ``True`` when everything was written."""
+        deadline = self.loop.time() + timeout
+        progress = -1
+        while self.queued and not self.closed and self.written != progress:
+            progress, left = self.written, deadline - self.loop.time()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._until(0, always=True), min(stall, left))
+        done = not self.queued
+        self.close()
+        return done
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        """Take no more writes. The thread writes what is still queued and ends (or is left
+        blocked, if the reader never reads again, until the process exits)."""
+        with self._lock:
+            self.closed = self._ending = True
+            self._wake.notify()
+        self._settle(self._take_waiters(None))
+
+    async def _until(self, queued: int, always: bool = False) -> None:
+        waiter = self.loop.create_future()
+        with self._lock:
+            if self.queued <= queued or self.closed or not (self.pacing or always):
+                return
+            self._waiters.append((queued, waiter))
+        await waiter
+
+    def _take_waiters(self, queued: int | None) -> list[asyncio.Future[None]]:
+        """The waiters that ``queued`` bytes satisfy (all of them for ``None``)."""
+        with self._lock:
+            due = [w for q, w in self._waiters if queued is None or queued <= q]
+            self._waiters = [(q, w) for q, w in self._waiters if w not in due]
+        return due
+
+    @staticmethod
+    def _settle(waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _run(self) -> None:
+        try:
+            while (chunk := self._next_chunk()) is not None:
+                error = self._write_all(chunk)
+                if error is not None:
+                    self._reader_gone(error)
+                    return
+                with self._lock:
+                    self.queued -= len(chunk)
+                    queued, waiting = self.queued, bool(self._waiters)
+                if waiting:  # a hop to the loop only when a coroutine waits for one
+                    self._on_loop(self._settle, self._take_waiters(queued))
+        finally:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
+
+    def _next_chunk(self) -> bytes | None:
+        """Everything queued, as one write; ``None`` once closed and written."""
+        with self._lock:
+            while not self._lines and not self._ending:
+                self._wake.wait()
+            if not self._lines:
+                return None
+            chunk = self._lines[0] if len(self._lines) == 1 else b"".join(self._lines)
+            self._lines.clear()
+            return chunk
+
+    def _write_all(self, data: bytes) -> OSError | None:
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    written = os.write(self.fd, view)
+                except BlockingIOError:  # a descriptor inherited non-blocking
+                    select.select([], [self.fd], [])
+                    continue
+                view = view[written:]
+                self.written += written
+        except OSError as exc:
+            return exc
+        return None
+
+    def _reader_gone(self, error: OSError) -> None:
+        with self._lock:
+            self.closed = self._ending = True
+            self._lines.clear()
+            self.queued = 0
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+        self._on_loop(self._closed_by_reader, self._take_waiters(None), error)
+
+    def _closed_by_reader(self, waiters: list[asyncio.Future[None]], error: OSError) -> None:
+        self._settle(waiters)
+        self.on_closed(error)
+
+    def _on_loop(self, callback: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: Inferno is exiting
+            self.loop.call_soon_threadsafe(callback, *args)

@@ -69,9 +69,12 @@ def origin_allowed(request: web.BaseRequest, origins: Sequence[str]) -> bool:
     return origin.lower() == own.lower()
 
 
-def forbidden_origin(request: web.BaseRequest) -> ApiError:
+def forbidden_origin(request: web.BaseRequest, key: str = "protocols.http.cors_origins"
+                     ) -> ApiError:
+    """The refusal of a request ``origin_allowed`` turned down; ``key`` is the setting that
+    lists the allowed origins."""
     return ApiError(403, f"requests from the web origin {request.headers.get('Origin')!r} are "
-                         f"not allowed; add it to protocols.http.cors_origins to allow them",
+                         f"not allowed; add it to {key} to allow them",
                     code="origin_not_allowed")
 
 

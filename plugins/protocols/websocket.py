@@ -29,7 +29,7 @@ from inferno.kernel.resources import parse_amount
 from inferno.plugins.gateway.errors import ApiError
 
 from . import http_hookspecs
-from .web import credentials, error_response
+from .web import credentials, error_response, forbidden_origin, origin_allowed
 from .websocket_connection import Connection
 
 PATH = "/v1/ws"
@@ -48,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
     "heartbeat": 30.0,
     # Connections served at once; one more is refused with 503 before the upgrade.
     "max_connections": 256,
+    # Web origins whose pages may connect to the own server, e.g. ["https://app.example.com"];
+    # ["*"] any. Clients that send no Origin (not browsers) and pages of the server's own
+    # origin always may. On the http protocol's port, its cors_origins apply instead.
+    "allowed_origins": [],
 }
 #: Seconds a client may take to answer the server's close frame.
 CLOSE_TIMEOUT = 3.0
@@ -73,6 +77,7 @@ class WebSocketProtocol(Protocol):
             Validator("max_inflight", gte=1, is_type_of=int),
             Validator("heartbeat", is_type_of=(int, float), gte=0),
             Validator("max_connections", gte=1, is_type_of=int),
+            Validator("allowed_origins", is_type_of=list),
         ])
 
     @staticmethod
@@ -105,10 +110,13 @@ class WebSocketProtocol(Protocol):
         self.urls: list[str] = []
         self.max_message_size = parse_amount(self.config["max_message_size"])
         self.max_inflight = int(self.config["max_inflight"])
+        #: Web origins whose pages may connect (see ``_origins``).
+        self.origins: list[str] = []
 
     async def start(self) -> None:
         self.gateway = self.context.kernel.service("gateway")
         self.shared = shares_http(self.context.kernel.config)
+        self.origins = self._origins()
         if not self.shared:
             await self._listen()
         self.accepting = True
@@ -166,7 +174,19 @@ class WebSocketProtocol(Protocol):
             await connection.abandon()
         return ws
 
+    def _origins(self) -> list[str]:
+        """The web origins allowed to connect: a page of any other site that opens a socket
+        to a local Inferno (no preflight guards an upgrade) must not read its answers and
+        events. On the http protocol's port, the origins it allows; else ``allowed_origins``."""
+        if self.shared:
+            http = self.context.kernel.config["protocols"]["http"]
+            return list(http.get("cors_origins", ()))
+        return list(self.config["allowed_origins"])
+
     def _refusal(self, request: web.Request) -> ApiError | None:
+        if not origin_allowed(request, self.origins):
+            return forbidden_origin(request, "protocols.http.cors_origins" if self.shared
+                                    else "protocols.websocket.allowed_origins")
         if not self.accepting:
             return ApiError(503, "Inferno is stopping and accepts no new WebSocket connections",
                             code="draining", retry_after=5)
@@ -193,9 +213,9 @@ def _shared_handler(kernel: KernelHandle) -> Any:
                                 "try again shortly", code="not_ready", retry_after=1)
         return await driver.handle(request)
 
+    # A socket is no request: the http server's concurrency limit leaves it to max_connections.
+    websocket.long_lived = True  # type: ignore[attr-defined]
     return websocket
-
-
 
 
 def shares_http(config: Mapping[str, Any]) -> bool:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 OPERATIONS = ("chat", "completion", "embeddings")
 #: Events one connection may have waiting for a slow client before the oldest are dropped.
 EVENT_QUEUE = 256
+#: Topics (names or patterns) one connection may be subscribed to at once: each event is
+#: matched against every one of them.
+MAX_TOPICS = 64
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,11 +75,7 @@ class Connection:
         try:
             message = _parse(text)
             message_id = _optional_id(message)
-            handler = HANDLERS.get(message.get("type"))  # type: ignore[arg-type]
-            if handler is None:
-                raise ApiError(400, f"unknown message type {message.get('type')!r}; known: "
-                                    f"{', '.join(HANDLERS)}", param="type", code="unknown_type")
-            await handler(self, message)
+            await _handler(message)(self, message)
         except ApiError as exc:
             await self.refuse(message_id, exc)
         except Exception as exc:  # a bug: logged and answered; the connection serves on
@@ -183,7 +182,13 @@ class Connection:
     # ------------------------------------------------------------------ events
 
     async def subscribe(self, message: Mapping[str, Any]) -> None:
-        self.topics.update(_topics(message))
+        topics = self.topics.union(_topics(message))
+        if len(topics) > MAX_TOPICS:
+            raise ApiError(400, f"this connection would be subscribed to {len(topics)} topics; "
+                                f"the most is {MAX_TOPICS}: use patterns (\"model.*\") or "
+                                f"unsubscribe from some first", param="topics",
+                           code="too_many_topics")
+        self.topics = topics
         if self.subscription is None:
             self.subscription = self.protocol.context.kernel.bus.subscribe(
                 Event, self.relay, maxsize=EVENT_QUEUE)
@@ -249,10 +254,31 @@ def _parse(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the frame is not valid JSON: {exc.msg} at line {exc.lineno} "
                             f"column {exc.colno}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the frame nests arrays or objects too deeply to read",
+                       code="invalid_json") from None
+    except ValueError as exc:  # a number of more digits than Python converts
+        raise ApiError(400, f"the frame cannot be read: {str(exc).split(';')[0]}",
+                       code="invalid_json") from None
     if not isinstance(message, dict):
         raise ApiError(400, f"a message must be a JSON object with a type, got "
                             f"{type(message).__name__}", code="invalid_message")
     return message
+
+
+def _handler(message: Mapping[str, Any]) -> Any:
+    """The method that answers a message of this ``type``."""
+    kind = message.get("type")
+    handler = HANDLERS.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        shown = repr(kind) if isinstance(kind, str | None) else f"a JSON {_kind(kind)}"
+        raise ApiError(400, f"unknown message type {shown}; type must be one of: "
+                            f"{', '.join(HANDLERS)}", param="type", code="unknown_type")
+    return handler
+
+
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", bool: "boolean"}.get(type(value), "number")
 
 
 def _optional_id(message: Mapping[str, Any]) -> str | int | None:
