@@ -7,6 +7,7 @@ backend against its own ranges; here it is types and shapes.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,24 @@ class EmbeddingPlan:
     cache: bool = True
     user: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def loads(text: str, what: str, *, lines: bool = True) -> Any:
+    """``text`` parsed as JSON, or a 400 (``invalid_json``) saying where ``what`` (``"the
+    request body"``, ``"line 3"``) went wrong: bad syntax, nesting too deep to read, or a
+    number of more digits than Python converts."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}" if lines else f"column {exc.colno}"
+        raise invalid(f"{what} is not valid JSON: {exc.msg} at {where}", None,
+                      "invalid_json") from None
+    except RecursionError:
+        raise invalid(f"{what} nests arrays or objects too deeply to read", None,
+                      "invalid_json") from None
+    except ValueError as exc:  # int digits over sys.get_int_max_str_digits
+        raise invalid(f"{what} cannot be read: {str(exc).split(';')[0]}", None,
+                      "invalid_json") from None
 
 
 def require_object(body: Any) -> Mapping[str, Any]:

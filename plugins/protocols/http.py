@@ -66,9 +66,7 @@ class HttpProtocol(Protocol):
     @staticmethod
     @hookimpl
     def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-        if not hasattr(plugin_manager.hook, "inferno_http_routes") or \
-                plugin_manager.hook.inferno_http_routes.spec is None:
-            plugin_manager.add_hookspecs(http_hookspecs)
+        http_hookspecs.add_to(plugin_manager)
 
     @staticmethod
     @hookimpl

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import pluggy
 
 from inferno.kernel import KernelHandle
 from inferno.kernel.hookspecs import hookspec
@@ -21,3 +24,11 @@ def inferno_http_routes(kernel: KernelHandle) -> Sequence[web.AbstractRouteDef] 
     dashboard. They get the server's request ids, CORS, body limit and error envelope.
     A route that serves models should go through ``kernel.service("gateway")``.
     """
+
+
+def add_to(plugin_manager: pluggy.PluginManager) -> None:
+    """Add the spec unless it is there: the ``http`` protocol adds it, and so does the
+    ``websocket`` one, whose route hook needs it even when ``http`` is not enabled."""
+    if not hasattr(plugin_manager.hook, "inferno_http_routes") or \
+            plugin_manager.hook.inferno_http_routes.spec is None:
+        plugin_manager.add_hookspecs(sys.modules[__name__])

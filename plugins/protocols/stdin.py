@@ -25,7 +25,7 @@ from inferno.kernel.config import thaw
 from inferno.kernel.events import KernelStateChanged
 from inferno.kernel.logs import request_context
 from inferno.kernel.resources import parse_amount
-from inferno.plugins.gateway.bodies import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS
+from inferno.plugins.gateway.bodies import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, loads
 from inferno.plugins.gateway.calls import Call, Final, StreamReply, new_id
 from inferno.plugins.gateway.errors import ApiError, from_exception, invalid
 
@@ -296,17 +296,7 @@ class StdinProtocol(Protocol):
     # ------------------------------------------------------------------ JSON mode
 
     def _parse(self, number: int, raw: Any) -> dict[str, Any]:
-        try:
-            value = json.loads(self._decode(number, raw))
-        except json.JSONDecodeError as exc:
-            raise ApiError(400, f"line {number} is not valid JSON: {exc.msg} at column "
-                                f"{exc.colno}", code="invalid_json") from None
-        except RecursionError:
-            raise ApiError(400, f"line {number} nests arrays or objects too deeply to read",
-                           code="invalid_json") from None
-        except ValueError as exc:  # a number of more digits than Python converts
-            raise ApiError(400, f"line {number} cannot be read: {str(exc).split(';')[0]}",
-                           code="invalid_json") from None
+        value = loads(self._decode(number, raw), f"line {number}", lines=False)
         if not isinstance(value, dict):
             raise invalid(f"line {number} must be a JSON object (a request), got "
                           f"{_kind(value)}", None, "invalid_json")

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from inferno.kernel import Credentials
 from inferno.kernel.logs import request_context
+from inferno.plugins.gateway.bodies import loads
 from inferno.plugins.gateway.calls import Call, Delta, Final, StreamReply, new_id
 from inferno.plugins.gateway.errors import ApiError, from_exception
 
@@ -194,14 +195,7 @@ async def read_json(request: web.Request) -> Any:
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the request body is not UTF-8: byte {exc.start} is "
                             f"0x{raw[exc.start]:02x}", code="invalid_encoding") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line "
-                            f"{exc.lineno} column {exc.colno}", code="invalid_json") from None
-    except RecursionError:
-        raise ApiError(400, "the request body nests arrays or objects too deeply",
-                       code="invalid_json") from None
+    return loads(text, "the request body")
 
 
 def json_response(value: Any, status: int = 200) -> web.Response:

@@ -63,10 +63,7 @@ class WebSocketProtocol(Protocol):
     @staticmethod
     @hookimpl
     def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-        # Without the http protocol nobody else adds the spec our route hook implements.
-        if not hasattr(plugin_manager.hook, "inferno_http_routes") or \
-                plugin_manager.hook.inferno_http_routes.spec is None:
-            plugin_manager.add_hookspecs(http_hookspecs)
+        http_hookspecs.add_to(plugin_manager)
 
     @staticmethod
     @hookimpl

@@ -15,6 +15,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from inferno.kernel import Credentials, Event, Subscription
 from inferno.kernel.logs import request_context
+from inferno.plugins.gateway.bodies import loads
 from inferno.plugins.gateway.calls import Call, Delta, StreamReply
 from inferno.plugins.gateway.errors import ApiError, from_exception, invalid
 
@@ -249,17 +250,7 @@ HANDLERS: dict[str, Any] = {
 
 
 def _parse(text: str) -> dict[str, Any]:
-    try:
-        message = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the frame is not valid JSON: {exc.msg} at line {exc.lineno} "
-                            f"column {exc.colno}", code="invalid_json") from None
-    except RecursionError:
-        raise ApiError(400, "the frame nests arrays or objects too deeply to read",
-                       code="invalid_json") from None
-    except ValueError as exc:  # a number of more digits than Python converts
-        raise ApiError(400, f"the frame cannot be read: {str(exc).split(';')[0]}",
-                       code="invalid_json") from None
+    message = loads(text, "the frame")
     if not isinstance(message, dict):
         raise ApiError(400, f"a message must be a JSON object with a type, got "
                             f"{type(message).__name__}", code="invalid_message")
