@@ -10,6 +10,7 @@ need from here::
 from .config import ConfigSpec
 from .contracts import (
     KINDS,
+    AuthError,
     AuthProvider,
     Backend,
     CacheTier,
@@ -55,6 +56,7 @@ from .resources import EvictionRequest, Reservation, ResourceManager
 
 __all__ = [
     "KINDS",
+    "AuthError",
     "AuthProvider",
     "Backend",
     "CacheTier",

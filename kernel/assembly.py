@@ -43,8 +43,12 @@ class Assembly:
     hook_plugins: dict[str, Any]
     catalog: loader.Catalog
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Hook plugins that own a top-level section (``ConfigSpec.section``): name → section.
+    sections: dict[str, str] = field(default_factory=dict)
 
     def plugin_path(self, name: str) -> str:
+        if name in self.sections:
+            return self.sections[name]
         for section, named in self.drivers.items():
             if name in named:
                 return f"{section}.{name}"
@@ -119,25 +123,7 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
     if not unknown:
         manager.check_pending()  # pluggy's own check, as a backstop to the list above
 
-    specs = {section: ConfigSpec(defaults=defaults, validators=KERNEL_VALIDATORS.get(section, ()))
-             for section, defaults in kernel_spec_defaults().items()}
-    owners: dict[str, str] = {}
-    defaults: dict[str, Any] = {}
-    for name in [*assembly.hook_plugins, *(n for d in assembly.drivers.values() for n in d)]:
-        path = assembly.plugin_path(name)
-        try:
-            spec = loader.call_for(manager, name, "inferno_config_spec") or ConfigSpec()
-        except Exception as exc:  # a plugin's bug, reported like any config problem
-            fail(path, f"inferno_config_spec failed: {type(exc).__name__}: {exc}")
-            continue
-        if not isinstance(spec, ConfigSpec):
-            fail(path, f"inferno_config_spec must return a ConfigSpec or None, "
-                       f"got {type(spec).__name__}")
-            continue
-        specs[path] = spec
-        owners[path] = name
-        defaults = deep_merge(defaults, nest(path, dict(spec.defaults)))
-
+    specs, owners, defaults = _collect_specs(assembly, fail)
     settings = load_settings(layers, defaults=defaults, owners=owners)
     assembly.settings, assembly.specs = settings, specs
     extra_keys = {f"{section}.{name}": frozenset({"enabled"})
@@ -149,6 +135,46 @@ def assemble(layers: Layers, extra_plugins: Mapping[str, Any] | None = None,
                  if not any(p.key.startswith(b + ".") for b in broken)]
     raise_problems(_unique(problems))
     return assembly
+
+
+def _collect_specs(assembly: Assembly, fail: Any
+                   ) -> tuple[dict[str, ConfigSpec], dict[str, str], dict[str, Any]]:
+    """Every section's spec, which plugin owns it, and the plugins' defaults, nested."""
+    specs = {section: ConfigSpec(defaults=defaults, validators=KERNEL_VALIDATORS.get(section, ()))
+             for section, defaults in kernel_spec_defaults().items()}
+    owners: dict[str, str] = {}
+    defaults: dict[str, Any] = {}
+    for name in [*assembly.hook_plugins, *(n for d in assembly.drivers.values() for n in d)]:
+        path = assembly.plugin_path(name)
+        try:
+            spec = loader.call_for(assembly.manager, name, "inferno_config_spec") or ConfigSpec()
+        except Exception as exc:  # a plugin's bug, reported like any config problem
+            fail(path, f"inferno_config_spec failed: {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(spec, ConfigSpec):
+            fail(path, f"inferno_config_spec must return a ConfigSpec or None, "
+                       f"got {type(spec).__name__}")
+            continue
+        if spec.section is not None:
+            if not _claim_section(assembly, name, spec.section, specs):
+                fail(path, f"ConfigSpec.section {spec.section!r} is not a free top-level "
+                           f"section a hook plugin may own")
+                continue
+            path = spec.section
+        specs[path] = spec
+        owners[path] = name
+        defaults = deep_merge(defaults, nest(path, dict(spec.defaults)))
+    return specs, owners, defaults
+
+
+def _claim_section(assembly: Assembly, name: str, section: str,
+                   specs: Mapping[str, ConfigSpec]) -> bool:
+    """Let hook plugin ``name`` own top-level ``section``, if it is free."""
+    if name not in assembly.hook_plugins or not section.isidentifier() \
+            or section in {*specs, *KINDS_BY_SECTION, "plugins"}:
+        return False
+    assembly.sections[name] = section
+    return True
 
 
 def _load_hook_plugins(assembly: Assembly, extra: Mapping[str, Any], *, allowed: list[str],

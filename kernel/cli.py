@@ -198,7 +198,7 @@ def plugins_info(state: CliState, name: str) -> None:
     click.echo(f"hooks:        {', '.join(hooks) or 'none'}")
     click.echo(f"in profile:   {state.profile}: "
                f"{'enabled' if _enabled_in(state, entry) else 'not enabled'}")
-    click.echo(f"config:       [{entry.config_path}]")
+    click.echo(f"config:       [{spec.section if spec and spec.section else entry.config_path}]")
     defaults = dict(spec.defaults) if spec else {}
     if not defaults:
         click.echo("  (no settings)")

@@ -43,13 +43,16 @@ class ConfigSpec:
 
     Keys are relative to the plugin's section. With ``strict`` a key that has no
     default is reported as unknown; a default of ``{}`` accepts any sub-keys.
-    ``secrets`` names keys to mask beyond those that look secret by name.
+    ``secrets`` names keys to mask beyond those that look secret by name. ``section``
+    lets a hook plugin own a top-level section (``[audit]``, so ``INFERNO_AUDIT__KEY``
+    sets ``audit.key``) instead of ``[plugins.<name>]``.
     """
 
     defaults: Mapping[str, Any] = field(default_factory=dict)
     validators: Sequence[Validator] = ()
     secrets: frozenset[str] = frozenset()
     strict: bool = True
+    section: str | None = None
 
 
 # --------------------------------------------------------------------------- profiles

@@ -222,6 +222,12 @@ class Credentials:
     peer: str = ""
 
 
+class AuthError(Exception):
+    """Credentials a provider recognised as its own and found invalid (a revoked key, an
+    expired token). The message is shown to the caller: it says what was wrong, never the
+    secret itself."""
+
+
 class AuthProvider(Driver):
     """Turns credentials into a principal."""
 
@@ -230,7 +236,7 @@ class AuthProvider(Driver):
     @abc.abstractmethod
     async def authenticate(self, credentials: Credentials) -> Principal | None:
         """Return the principal, ``None`` when these credentials are not for this provider,
-        or raise when they are for it and invalid."""
+        or raise :class:`AuthError` when they are for it and invalid."""
 
 
 # --------------------------------------------------------------------------- cache

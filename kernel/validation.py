@@ -28,7 +28,7 @@ def validate(settings: Settings, specs: Mapping[str, ConfigSpec],
              extra_keys: Mapping[str, frozenset[str]] | None = None) -> list[ConfigProblem]:
     """Every problem in ``settings`` against the specs (keyed by section path)."""
     problems: list[ConfigProblem] = []
-    known_top = {*KERNEL_SECTIONS, *KINDS_BY_SECTION}
+    known_top = {*KERNEL_SECTIONS, *KINDS_BY_SECTION, *(path for path in specs if "." not in path)}
     for section in settings.data:
         if section not in known_top:
             problems.append(_problem(settings, section,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import MappingProxyType
+from typing import ClassVar
 
 import pytest
 from dynaconf import Validator
@@ -317,3 +318,42 @@ def test_enabled_must_be_a_boolean(make_kernel):
 def test_config_file_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError, match="is a directory; expected a TOML file"):
         Kernel.from_profile("edge", config_file=tmp_path)
+
+
+class Vault:
+    """A hook plugin that owns the top-level section [vault]."""
+
+    section = "vault"
+    seen: ClassVar[dict[str, object]] = {}
+
+    @classmethod
+    @hookimpl
+    def inferno_config_spec(cls) -> ConfigSpec:
+        return ConfigSpec(section=cls.section, defaults={"key": "", "depth": 1},
+                          validators=[Validator("depth", gte=1)])
+
+    @classmethod
+    @hookimpl
+    def inferno_configure(cls, config: dict[str, object]) -> None:
+        cls.seen = dict(config)
+
+
+def test_a_hook_plugin_may_own_a_top_level_section(make_kernel, monkeypatch):
+    monkeypatch.setenv("INFERNO_VAULT__KEY", "s3cret-from-env")
+    kernel = make_kernel({"vault": {"depth": 3}}, plugins={"vault": Vault})
+    assert Vault.seen == {"key": "s3cret-from-env", "depth": 3}  # its own, secrets and all
+    assert kernel.config["vault"] == {"key": "********", "depth": 3}  # what others see
+    assert "vault" not in kernel.config["plugins"]
+    with pytest.raises(ConfigError, match=r"vault\.depth: must be at least 1"):
+        make_kernel({"vault": {"depth": 0}}, plugins={"vault": Vault})
+    with pytest.raises(ConfigError, match=r"vault\.colour: unknown key"):
+        make_kernel({"vault": {"colour": "red"}}, plugins={"vault": Vault})
+
+
+def test_a_hook_plugin_may_not_take_a_kernel_or_driver_section(make_kernel, monkeypatch):
+    monkeypatch.setattr(Vault, "section", "logging")
+    with pytest.raises(ConfigError, match=r"ConfigSpec\.section 'logging' is not a free"):
+        make_kernel(plugins={"vault": Vault})
+    monkeypatch.setattr(Vault, "section", "backends")
+    with pytest.raises(ConfigError, match=r"ConfigSpec\.section 'backends' is not a free"):
+        make_kernel(plugins={"vault": Vault})
