@@ -58,7 +58,8 @@ def builtin_plugin_keys() -> list[str]:
         manager = make_plugin_manager()
         manager.register(obj, entry.name)
         spec = call_for(manager, entry.name, "inferno_config_spec")
-        keys += leaf_keys(dict(spec.defaults), f"{entry.config_path}.") if spec else []
+        prefix = spec.section if spec and spec.section else entry.config_path
+        keys += leaf_keys(dict(spec.defaults), f"{prefix}.") if spec else []
     return keys
 
 

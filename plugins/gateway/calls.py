@@ -34,6 +34,9 @@ class Call:
     credentials: Credentials = field(default_factory=lambda: Credentials(headers={}))
     #: Set by an authentication middleware; ``None`` while nobody vouched for the caller.
     principal: Principal | None = None
+    #: What the call needs (see ``permissions``): the operation's unless a protocol set one
+    #: for the ``access`` operation (a route or a message that runs no model work).
+    permission: str | None = None
     received: float = field(default_factory=time.perf_counter)
     #: Scratch space for middlewares (a cache key, a span, a rate-limit bucket).
     state: dict[str, Any] = field(default_factory=dict)
@@ -157,6 +160,8 @@ class StreamReply:
 
 
 Handler = Callable[[Call], Awaitable[Any]]
+#: What serves a call: ``async def operation(call) -> ValueReply | StreamReply``.
+Operation = Handler
 
 
 class Middleware(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,8 @@ class ApiError(InfernoError):
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, type_: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -33,6 +34,8 @@ class ApiError(InfernoError):
         self.code = code
         self.type = type_ or _type_for(status)
         self.retry_after = retry_after
+        #: Further response headers (``X-RateLimit-Remaining``): HTTP sends them.
+        self.headers = dict(headers or {})
 
     def envelope(self) -> dict[str, Any]:
         """``{"error": {"message", "type", "param", "code"}}``, as OpenAI's API writes it."""

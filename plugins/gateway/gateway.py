@@ -13,7 +13,7 @@ import asyncio
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
@@ -23,12 +23,10 @@ from inferno.kernel import GenerationRequest, KernelHandle
 
 from .batching import EmbeddingBatcher
 from .bodies import EmbeddingPlan, GenerationPlan, parse_chat, parse_completion, parse_embeddings
-from .calls import Call, Delta, Final, Handler, Middleware, StreamReply, ValueReply
+from .calls import Call, Delta, Final, Handler, Middleware, Operation, StreamReply, ValueReply
 from .errors import ApiError, as_api_errors, invalid
 from .queues import Queues
 from .tools import rewrite_turns
-
-Operation = Callable[[Call], Awaitable[Any]]
 
 
 class Gateway:
@@ -49,12 +47,20 @@ class Gateway:
             self.queues, lambda model, keep: self.models.use(model, keep_alive=keep),
             int(config["embedding_batch"]))
         self.middlewares = sorted(middlewares, key=lambda m: getattr(m, "order", 500))
-        self.operations: dict[str, Operation] = {
-            "chat": self._chat, "completion": self._completion, "embeddings": self._embeddings,
-            "models.list": self._models_list, "models.get": self._models_get,
-            "models.load": self._models_load, "models.unload": self._models_unload,
-            "models.rollback": self._models_rollback, "status": self._status,
-        }
+        self.operations: dict[str, Operation] = {}
+        #: The permission each operation needs (``permissions.PERMISSIONS``).
+        self.permissions: dict[str, str] = {}
+        for name, operation, permission in (
+                ("chat", self._chat, "infer"), ("completion", self._completion, "infer"),
+                ("embeddings", self._embeddings, "embed"),
+                ("models.list", self._models_list, "models:read"),
+                ("models.get", self._models_get, "models:read"),
+                ("models.load", self._models_load, "models:manage"),
+                ("models.unload", self._models_unload, "models:manage"),
+                ("models.rollback", self._models_rollback, "models:manage"),
+                ("status", self._status, "metrics:read"),
+                ("access", self._access, "")):
+            self.add_operation(name, operation, permission=permission)
         self._chain: Handler = self._build_chain()
 
     # ------------------------------------------------------------------ pipeline
@@ -63,19 +69,24 @@ class Gateway:
         """Wait for embedding batches still running (their callers may have left)."""
         await self.batcher.close()
 
-    def add_operation(self, name: str, operation: Operation) -> None:
-        """Let a plugin serve a new operation through the same middlewares."""
+    def add_operation(self, name: str, operation: Operation, *, permission: str) -> None:
+        """Let a plugin serve a new operation through the same middlewares, for callers whose
+        roles grant ``permission``."""
         if name in self.operations:
             raise ValueError(f"operation {name!r} is already served")
         self.operations[name] = operation
+        self.permissions[name] = permission
 
     async def run(self, call: Call) -> Any:
         """The call's reply, or ``ApiError`` (any other exception is a bug, logged by the
         protocol that turns it into a 500)."""
         stack = AsyncExitStack()
+        if call.permission is None or call.operation != "access":
+            call.permission = self.permissions.get(call.operation)
         try:
             with as_api_errors():
-                await stack.enter_async_context(self.kernel.admit())
+                if call.operation != "access":  # a check, no work: not held back by a drain
+                    await stack.enter_async_context(self.kernel.admit())
                 reply = await self._chain(call)
         except BaseException:
             made = call.state.get("reply")  # a middleware failed after the stream was made:
@@ -254,6 +265,14 @@ class Gateway:
                            param="model", code="rollback_unavailable")
         await self.models.rollback(entry.name)
         return ValueReply({"name": entry.name, "rolled_back": True}, model=entry.name)
+
+    async def _access(self, call: Call) -> ValueReply:
+        """Nothing to do: a protocol asks whether the caller may use a route or a message
+        that runs no model work (``call.permission`` says what it needs)."""
+        if not call.permission:
+            raise ApiError(500, "an access check must say which permission it needs",
+                           code="internal_error")
+        return ValueReply(None)
 
     async def _status(self, call: Call) -> ValueReply:
         return ValueReply(self.status())

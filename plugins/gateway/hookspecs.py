@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from inferno.kernel import KernelHandle
 from inferno.kernel.hookspecs import hookspec
 
 if TYPE_CHECKING:
-    from .calls import Middleware
+    from .calls import Middleware, Operation
 
 
 @hookspec
@@ -20,4 +20,17 @@ def inferno_request_middleware(kernel: KernelHandle) -> Middleware | Sequence[Mi
     through: ``async def __call__(call, handler)`` returns ``await handler(call)`` to go
     on, or raises ``ApiError`` to refuse. Its ``order`` attribute places it (lower runs
     first; 100 observability, 200 authentication, 300 rate limits, 400 the cache).
+    """
+
+
+@hookspec
+def inferno_gateway_operations(kernel: KernelHandle
+                               ) -> Mapping[str, tuple[Operation, str]] | None:
+    """Called once when the gateway starts, after every driver but the protocols started.
+
+    Return further operations, ``{name: (operation, permission)}``: ``async def
+    operation(call) -> ValueReply | StreamReply`` runs behind the same middlewares as
+    ``chat`` does, and only for principals whose roles grant ``permission`` (see
+    ``inferno.plugins.gateway.permissions``). Protocols reach them by name
+    (``Call("keys.list")``).
     """

@@ -62,6 +62,9 @@ async def _serve(kernel: KernelHandle) -> AsyncIterator[None]:
             continue
         middlewares.extend(result if isinstance(result, list | tuple) else [result])
     gateway = Gateway(kernel, config, middlewares, get_logger("gateway"))
+    for offered in kernel.hook.inferno_gateway_operations(kernel=kernel):
+        for name, (operation, permission) in (offered or {}).items():
+            gateway.add_operation(name, operation, permission=permission)
     kernel.provide("gateway", gateway)
     try:
         yield

@@ -30,9 +30,12 @@ from .web import (
     SERVER,
     Server,
     envelope_middleware,
+    guard_middleware,
     limit_middleware,
     origin_middleware,
 )
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 DEFAULTS: dict[str, Any] = {
     # Address and port to listen on; port 0 picks a free port (see the log line "listening").
@@ -43,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     # TLS: PEM certificate chain and private key; both or neither.
     "tls_cert": "",
     "tls_key": "",
+    # The oldest TLS version a client may use: "1.2" or "1.3".
+    "tls_min_version": "1.2",
     # Origins browsers may call from (CORS), for example ["https://app.example.com"]; "*" any.
     "cors_origins": [],
     # Largest request body accepted; larger is refused with 413.
@@ -78,6 +83,7 @@ class HttpProtocol(Protocol):
             Validator("max_concurrent", gte=1, is_type_of=int),
             Validator("stream_keepalive", gt=0),
             Validator("cors_origins", is_type_of=list),
+            Validator("tls_min_version", is_in=list(TLS_VERSIONS)),
         ])
 
     @staticmethod
@@ -149,6 +155,7 @@ class HttpProtocol(Protocol):
         if not self.config["tls_cert"]:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = TLS_VERSIONS[self.config["tls_min_version"]]
         context.load_cert_chain(Path(self.config["tls_cert"]).expanduser(),
                                 Path(self.config["tls_key"]).expanduser())
         return context
@@ -160,7 +167,7 @@ def build_app(server: Server, kernel: Any) -> web.Application:
     max_body = parse_amount(server.config["max_body_size"])
     app = web.Application(client_max_size=max_body,
                           middlewares=[envelope_middleware(server), origin_middleware(server),
-                                       limit_middleware(server)])
+                                       guard_middleware(server), limit_middleware(server)])
     app[MAX_BODY_SIZE] = max_body
     app[READ_TIMEOUT] = float(server.config["read_timeout"])
     app[SERVER] = server

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from inferno.plugins.gateway.bodies import parse_keep_alive, require_object
 from inferno.plugins.gateway.errors import invalid
+from inferno.plugins.gateway.permissions import public, runs
 
 from .web import Server, json_response, read_json
 
@@ -48,16 +49,19 @@ class InfernoApi:
         reply = await self.server.gateway.run(self.server.call(request, operation, body))
         return reply.value
 
+    @runs("models.list")
     async def list_models(self, request: web.Request) -> web.Response:
         """Every registered model: where it comes from, whether it is loaded, and why it is
         unavailable when it is."""
         return json_response({"models": await self.run(request, "models.list", {})})
 
+    @runs("models.get")
     async def get_model(self, request: web.Request) -> web.Response:
         """One model's status (loaded, version, requests in flight) and its details: the
         loaded model's info, or the file's format and metadata when it is not loaded."""
         return json_response(await self.run(request, "models.get", _named(request)))
 
+    @runs("models.load")
     async def load_model(self, request: web.Request) -> web.Response:
         """Load a model now rather than at its first request; ``keep_alive`` sets how long it
         stays loaded while idle."""
@@ -73,20 +77,24 @@ class InfernoApi:
                 body["keep_alive"] = given["keep_alive"]
         return json_response(await self.run(request, "models.load", body))
 
+    @runs("models.unload")
     async def unload_model(self, request: web.Request) -> web.Response:
         """Unload a model; requests in flight finish first. ``unloaded`` is false when it
         was not loaded."""
         return json_response(await self.run(request, "models.unload", _named(request)))
 
+    @runs("models.rollback")
     async def rollback_model(self, request: web.Request) -> web.Response:
         """Serve a hot-swapped model's previous version again, until its file changes once
         more."""
         return json_response(await self.run(request, "models.rollback", _named(request)))
 
+    @runs("status")
     async def status(self, request: web.Request) -> web.Response:
         """Version, uptime, loaded models with the memory they hold, and queue depths."""
         return json_response(await self.run(request, "status", {}))
 
+    @public
     async def ready(self, request: web.Request) -> web.Response:
         """200 while Inferno serves and every preloaded model loaded; otherwise 503 with
         the reasons, so an orchestrator holds traffic back and an operator sees why."""
@@ -112,6 +120,7 @@ class InfernoApi:
             return None  # no model manager in this profile: nothing to report
 
 
+@public
 async def live(request: web.Request) -> web.Response:
     """200 for as long as the process answers HTTP at all."""
     return json_response({"status": "live"})

@@ -23,6 +23,7 @@ from aiohttp import web
 from inferno.plugins.gateway.bodies import require_object
 from inferno.plugins.gateway.calls import Delta, Final, StreamReply
 from inferno.plugins.gateway.errors import ApiError, from_exception, invalid
+from inferno.plugins.gateway.permissions import public, requires, runs
 
 from . import ollama_bodies as bodies
 from .ollama_bodies import rfc3339
@@ -103,11 +104,13 @@ class OllamaApi:
 
     # ------------------------------------------------------------------ models
 
+    @public
     @ollama_errors
     async def version(self, request: web.Request) -> web.Response:
         """Inferno's version: what Ollama's clients ask to see that a server answers."""
         return json_response({"version": importlib.metadata.version("inferno")})
 
+    @runs("models.list")
     @ollama_errors
     async def tags(self, request: web.Request) -> web.Response:
         """The models that can be served, with their file's size, date and details; models
@@ -126,6 +129,7 @@ class OllamaApi:
             models.append(bodies.listing(row["name"], facts))
         return json_response({"models": models})
 
+    @runs("models.get")
     @ollama_errors
     async def show(self, request: web.Request) -> web.Response:
         """One model's details, header metadata (``model_info``), parameters and
@@ -136,6 +140,7 @@ class OllamaApi:
         facts = await asyncio.to_thread(bodies.facts, self.models, reply.model)
         return json_response(bodies.shown(self.models.entry(reply.model), facts))
 
+    @runs("status")
     @ollama_errors
     async def ps(self, request: web.Request) -> web.Response:
         """The loaded models: memory held (``size``, and ``size_vram`` on a GPU), when they
@@ -150,6 +155,7 @@ class OllamaApi:
             models.append(bodies.process(row, resident, facts))
         return json_response({"models": models})
 
+    @requires("models:manage")
     @ollama_errors
     async def unsupported(self, request: web.Request) -> web.Response:
         """Ollama's model management (pull, push, create, copy, delete): not Inferno's way;
@@ -160,6 +166,7 @@ class OllamaApi:
 
     # ------------------------------------------------------------------ generation
 
+    @runs("completion", "chat", "models.load", "models.unload")
     @ollama_errors
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """A completion of ``prompt``: through the model's chat template (with ``system``)
@@ -171,6 +178,7 @@ class OllamaApi:
         return await self._generation(request, body, operation, call_body, started=started,
                                       shape=lambda text: {"response": text})
 
+    @runs("chat", "models.load", "models.unload")
     @ollama_errors
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """The assistant's next message for ``messages``, with ``tools`` called as objects.
@@ -238,6 +246,7 @@ class OllamaApi:
 
     # ------------------------------------------------------------------ embeddings
 
+    @runs("embeddings", "models.load")
     @ollama_errors
     async def embed(self, request: web.Request) -> web.Response:
         """Embeddings of ``input`` (a string or a list of strings), one unit vector each;
@@ -254,6 +263,7 @@ class OllamaApi:
             "total_duration": bodies.nanoseconds(since(started)),
             "prompt_eval_count": value["usage"]["prompt_tokens"]})
 
+    @runs("embeddings")
     @ollama_errors
     async def embeddings(self, request: web.Request) -> web.Response:
         """The older embeddings route: one ``prompt``, one ``embedding``."""

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from inferno.plugins.gateway.bodies import require_object
 from inferno.plugins.gateway.calls import Delta, Final, StreamReply, ToolCall, new_id
+from inferno.plugins.gateway.permissions import runs
 
 from .web import Server, json_response, read_json, stream_reply
 
@@ -52,6 +53,7 @@ class OpenAiRoutes:
 
     # ------------------------------------------------------------------ models
 
+    @runs("models.list")
     async def list_models(self, request: web.Request) -> web.Response:
         """List the registered models (aliases are shown on each; unavailable ones too,
         flagged, so a client sees what the profile offers and why one does not answer)."""
@@ -59,6 +61,7 @@ class OpenAiRoutes:
         return json_response({"object": "list",
                               "data": [model_object(row) for row in reply.value]})
 
+    @runs("models.get")
     async def get_model(self, request: web.Request) -> web.Response:
         """One model by name or alias; 404 with the error envelope for an unknown one."""
         reply = await self._run(request, "models.get", {"model": request.match_info["id"]})
@@ -66,10 +69,12 @@ class OpenAiRoutes:
 
     # ------------------------------------------------------------------ generation
 
+    @runs("chat")
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """Chat completion, as one JSON object or as server-sent events (``stream``)."""
         return await self._generate(request, "chat", self._chat_object, self._chat_frames)
 
+    @runs("completion")
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """Text completion of a prompt, as one JSON object or as server-sent events."""
         return await self._generate(request, "completion", self._completion_object,
@@ -167,6 +172,7 @@ class OpenAiRoutes:
 
     # ------------------------------------------------------------------ embeddings
 
+    @runs("embeddings")
     async def embeddings(self, request: web.Request) -> web.Response:
         """Embeddings of one text or a list, as floats or base64 (little-endian float32)."""
         body = require_object(await read_json(request))

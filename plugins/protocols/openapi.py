@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from inferno.plugins.gateway.permissions import public
+
 from .openapi_schemas import SCHEMAS, ref
 from .web import Server
 
@@ -32,6 +34,7 @@ def routes(server: Server, app_routes: Sequence[web.AbstractRouteDef]) -> list[w
     endpoints = [*route_paths(app_routes), ("GET", "/openapi.json", None)]
     body = json.dumps(document(endpoints), ensure_ascii=False, separators=(",", ":")).encode()
 
+    @public
     async def openapi_json(request: web.Request) -> web.Response:
         """This document."""
         return web.Response(body=body, content_type="application/json")

@@ -20,7 +20,14 @@ from typing import Any
 
 from dynaconf import Validator
 
-from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, Protocol, hookimpl
+from inferno.kernel import (
+    ConfigError,
+    ConfigProblem,
+    ConfigSpec,
+    Credentials,
+    Protocol,
+    hookimpl,
+)
 from inferno.kernel.config import thaw
 from inferno.kernel.events import KernelStateChanged
 from inferno.kernel.logs import request_context
@@ -47,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "max_line_size": "1MiB",
     # Body fields merged under every request that accepts them, e.g. { max_tokens = 64 }.
     "defaults": {},
+    # The API key (or token) every line is sent with, for profiles whose auth providers
+    # do not admit anonymous callers. Best given as INFERNO_PROTOCOLS__STDIN__KEY.
+    "key": "",
 }
 
 _FIELDS = {"chat": CHAT_FIELDS, "completion": COMPLETION_FIELDS, "embeddings": EMBEDDING_FIELDS}
@@ -70,6 +80,7 @@ class StdinProtocol(Protocol):
             Validator("model", is_type_of=str),
             Validator("max_concurrent", gte=1, is_type_of=int),
             Validator("defaults", is_type_of=dict),
+            Validator("key", is_type_of=str),
         ])
 
     @staticmethod
@@ -95,6 +106,9 @@ class StdinProtocol(Protocol):
         if self.config["model"]:
             self.defaults["model"] = self.config["model"]
         self.slots = asyncio.Semaphore(int(self.config["max_concurrent"]))
+        key = str(self.config["key"])
+        self.credentials = Credentials(
+            headers={"authorization": f"Bearer {key}"} if key else {}, peer="stdin")
         self.tasks: set[asyncio.Task[None]] = set()
         self.reason = "end of input"
         self.ready = asyncio.Event()
@@ -240,7 +254,8 @@ class StdinProtocol(Protocol):
     async def _serve(self, number: int, ident: Any, operation: str, body: dict[str, Any]
                      ) -> None:
         """One request, answered by JSON lines, or in text mode by one line (``ident`` None)."""
-        call = Call(operation, body, protocol="stdin", id=new_id("stdin-"))
+        call = Call(operation, body, protocol="stdin", id=new_id("stdin-"),
+                    credentials=self.credentials)
         reply: Any = None
         try:
             with request_context(call.id, line=number):

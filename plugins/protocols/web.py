@@ -20,6 +20,7 @@ from inferno.kernel.logs import request_context
 from inferno.plugins.gateway.bodies import loads
 from inferno.plugins.gateway.calls import Call, Delta, Final, StreamReply, new_id
 from inferno.plugins.gateway.errors import ApiError, from_exception
+from inferno.plugins.gateway.permissions import declared
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON = "application/json"
@@ -82,7 +83,9 @@ def forbidden_origin(request: web.BaseRequest, key: str = "protocols.http.cors_o
 def error_response(error: ApiError, request_id: str = "", path: str = "") -> web.Response:
     """The error in the envelope its route's clients read: ``{"error": "..."}`` on the
     Ollama-compatible routes (``/api/...`` but not ``/api/v1``), OpenAI's elsewhere."""
-    headers = {"X-Request-ID": request_id} if request_id else {}
+    headers = dict(error.headers)
+    if request_id:
+        headers["X-Request-ID"] = request_id
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     ollama = path.startswith("/api/") and not path.startswith("/api/v1/")
@@ -135,6 +138,33 @@ def origin_middleware(server: Server) -> Any:
                          ) -> web.StreamResponse:
         if request.method != "OPTIONS" and not origin_allowed(request, origins):
             raise forbidden_origin(request)
+        return await handler(request)
+
+    return middleware
+
+
+def guard_middleware(server: Server) -> Any:
+    """Every route says what it needs (``inferno.plugins.gateway.permissions``): routes that
+    run gateway operations are checked by the gateway; the others pass an ``access`` call
+    through it first (network policy, credentials, permission). A route that says nothing
+    is not served."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request],
+                                                                 Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        info = request.match_info
+        if info.http_exception is not None or request.method == "OPTIONS":
+            return await handler(request)  # no route (404, 405) or a CORS preflight
+        operations, permission = declared(info.handler)
+        if operations:
+            return await handler(request)
+        if not permission:
+            route = info.route.resource.canonical if info.route.resource else request.path
+            raise ApiError(500, f"route {request.method} {route} declares no permission, so "
+                                f"it is not served", code="undeclared_route")
+        await server.gateway.run(Call("access", protocol="http", id=request[REQUEST_ID],
+                                      credentials=credentials(request), permission=permission))
         return await handler(request)
 
     return middleware

@@ -26,7 +26,9 @@ from inferno.kernel import (
     hookimpl,
 )
 from inferno.kernel.resources import parse_amount
+from inferno.plugins.gateway.calls import Call
 from inferno.plugins.gateway.errors import ApiError
+from inferno.plugins.gateway.permissions import AUTHENTICATED, requires
 
 from . import http_hookspecs
 from .web import credentials, error_response, forbidden_origin, origin_allowed
@@ -158,6 +160,13 @@ class WebSocketProtocol(Protocol):
         refusal = self._refusal(request)
         if refusal is not None:
             return error_response(refusal, request.get("request_id", ""))
+        if not self.shared:  # on the http port, its guard checked the route's permission
+            try:
+                await self.gateway.run(Call("access", protocol="websocket",
+                                            credentials=credentials(request),
+                                            permission=AUTHENTICATED))
+            except ApiError as exc:
+                return error_response(exc, request.get("request_id", ""))
         heartbeat = float(self.config["heartbeat"]) or None
         ws = web.WebSocketResponse(heartbeat=heartbeat, max_msg_size=self.max_message_size,
                                    timeout=CLOSE_TIMEOUT)
@@ -212,7 +221,7 @@ def _shared_handler(kernel: KernelHandle) -> Any:
 
     # A socket is no request: the http server's concurrency limit leaves it to max_connections.
     websocket.long_lived = True  # type: ignore[attr-defined]
-    return websocket
+    return requires(AUTHENTICATED)(websocket)
 
 
 def shares_http(config: Mapping[str, Any]) -> bool:

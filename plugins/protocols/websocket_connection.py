@@ -18,12 +18,17 @@ from inferno.kernel.logs import request_context
 from inferno.plugins.gateway.bodies import loads
 from inferno.plugins.gateway.calls import Call, Delta, StreamReply
 from inferno.plugins.gateway.errors import ApiError, from_exception, invalid
+from inferno.plugins.gateway.permissions import AUTHENTICATED
 
 if TYPE_CHECKING:
     from .websocket import WebSocketProtocol
 
 #: Message types that become gateway calls (the operation has the same name).
 OPERATIONS = ("chat", "completion", "embeddings")
+#: What the other message types need; each is checked through the gateway (an ``access``
+#: call) with the connection's credentials, so a key revoked mid-connection stops working.
+MESSAGE_PERMISSIONS = {"cancel": AUTHENTICATED, "subscribe": "events:read",
+                       "unsubscribe": AUTHENTICATED, "ping": AUTHENTICATED}
 #: Events one connection may have waiting for a slow client before the oldest are dropped.
 EVENT_QUEUE = 256
 #: Topics (names or patterns) one connection may be subscribed to at once: each event is
@@ -76,7 +81,12 @@ class Connection:
         try:
             message = _parse(text)
             message_id = _optional_id(message)
-            await _handler(message)(self, message)
+            handler = _handler(message)
+            if message["type"] not in OPERATIONS:
+                await self.protocol.gateway.run(Call(
+                    "access", protocol="websocket", credentials=self.credentials,
+                    permission=MESSAGE_PERMISSIONS[message["type"]]))
+            await handler(self, message)
         except ApiError as exc:
             await self.refuse(message_id, exc)
         except Exception as exc:  # a bug: logged and answered; the connection serves on

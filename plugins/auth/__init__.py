@@ -1,0 +1,1 @@
+"""Auth providers (entry-point group ``inferno.auth``): ``none``, ``api_key`` and ``jwt``."""

@@ -1,0 +1,2 @@
+"""Authentication, authorisation and the network policy for every call (hook plugin
+``security``)."""
