@@ -36,6 +36,9 @@ class KernelHandle(TypingProtocol):
         """The whole configuration with secrets masked; a driver's own section, secrets
         included, is ``context.config``."""
 
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        """Hook plugin ``name``'s own section with its secrets (``config`` masks them)."""
+
     @property
     def data_dir(self) -> Path: ...
 

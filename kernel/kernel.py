@@ -177,8 +177,8 @@ class Kernel:
         for name in self._plugin_names():
             path = self._assembly.plugin_path(name)
             try:
-                loader.call_for(self.manager, name, "inferno_configure",
-                                config=self._section(path))
+                loader.call_for(self.manager, name, "inferno_configure", config=self._section(
+                    path, keep=name in self._assembly.hook_plugins))
             except ConfigError as exc:
                 problems += exc.problems
             except Exception as exc:
@@ -356,13 +356,15 @@ class Kernel:
         await self.bus.close(timeout)
         self.log.info("stopped")
 
-    def _section(self, path: str) -> Mapping[str, Any]:
+    def _section(self, path: str, keep: bool = False) -> Mapping[str, Any]:
         node: Any = self._config
         for part in path.split("."):
             node = node.get(part, {}) if isinstance(node, Mapping) else {}
-        section: Mapping[str, Any] = freeze({k: v for k, v in thaw(node).items()
-                                             if k != "enabled"})
-        return section
+        return freeze({k: v for k, v in thaw(node).items() if keep or k != "enabled"})  # type: ignore[no-any-return]
+
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        """Hook plugin ``name``'s own section, secrets included, for that plugin's use."""
+        return self._section(self.assembly.plugin_path(name), keep=True)
 
     def _plugin_names(self) -> list[str]:
         return [*self.assembly.hook_plugins,

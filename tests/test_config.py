@@ -343,6 +343,7 @@ def test_a_hook_plugin_may_own_a_top_level_section(make_kernel, monkeypatch):
     kernel = make_kernel({"vault": {"depth": 3}}, plugins={"vault": Vault})
     assert Vault.seen == {"key": "s3cret-from-env", "depth": 3}  # its own, secrets and all
     assert kernel.config["vault"] == {"key": "********", "depth": 3}  # what others see
+    assert kernel.plugin_config("vault")["key"] == "s3cret-from-env"
     assert "vault" not in kernel.config["plugins"]
     with pytest.raises(ConfigError, match=r"vault\.depth: must be at least 1"):
         make_kernel({"vault": {"depth": 0}}, plugins={"vault": Vault})
