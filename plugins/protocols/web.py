@@ -15,12 +15,12 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from inferno.kernel import Credentials
+from inferno.kernel import Credentials, Principal
 from inferno.kernel.logs import request_context
 from inferno.plugins.gateway.bodies import loads
 from inferno.plugins.gateway.calls import Call, Delta, Final, StreamReply, new_id
 from inferno.plugins.gateway.errors import ApiError, from_exception
-from inferno.plugins.gateway.permissions import declared
+from inferno.plugins.gateway.permissions import AUTHENTICATED, declared
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON = "application/json"
@@ -40,13 +40,16 @@ class Server:
     def call(self, request: web.Request, operation: str, body: Mapping[str, Any],
              protocol: str = "http") -> Call:
         return Call(operation=operation, body=body, protocol=protocol,
-                    id=request[REQUEST_ID], credentials=credentials(request))
+                    id=request[REQUEST_ID], credentials=credentials(request),
+                    principal=request.get(PRINCIPAL))
 
 
 #: What the application holds for its routes.
 MAX_BODY_SIZE = web.AppKey("max_body_size", int)
 READ_TIMEOUT = web.AppKey("read_timeout", float)
 SERVER = web.AppKey("server", Server)
+#: Who the guard found the caller to be (``None`` on public routes).
+PRINCIPAL = web.RequestKey("principal", Principal)
 #: The request's id (``X-Request-ID``), set before any route runs.
 REQUEST_ID = web.RequestKey("request_id", str)
 
@@ -144,10 +147,12 @@ def origin_middleware(server: Server) -> Any:
 
 
 def guard_middleware(server: Server) -> Any:
-    """Every route says what it needs (``inferno.plugins.gateway.permissions``): routes that
-    run gateway operations are checked by the gateway; the others pass an ``access`` call
-    through it first (network policy, credentials, permission). A route that says nothing
-    is not served."""
+    """Every route says what it needs (``inferno.plugins.gateway.permissions``), and the
+    caller is checked through the gateway (an ``access`` call: network policy, credentials,
+    permission) before the route reads a byte of the body: a stranger learns nothing from a
+    route's validation. A route that runs gateway operations needs any principal here (each
+    operation checks its own permission, with the principal found here); a route that says
+    nothing is not served."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request],
@@ -158,13 +163,16 @@ def guard_middleware(server: Server) -> Any:
             return await handler(request)  # no route (404, 405) or a CORS preflight
         operations, permission = declared(info.handler)
         if operations:
-            return await handler(request)
-        if not permission:
+            permission = AUTHENTICATED
+        elif not permission:
             route = info.route.resource.canonical if info.route.resource else request.path
             raise ApiError(500, f"route {request.method} {route} declares no permission, so "
                                 f"it is not served", code="undeclared_route")
-        await server.gateway.run(Call("access", protocol="http", id=request[REQUEST_ID],
-                                      credentials=credentials(request), permission=permission))
+        call = Call("access", protocol="http", id=request[REQUEST_ID],
+                    credentials=credentials(request), permission=permission)
+        await server.gateway.run(call)
+        if call.principal is not None:
+            request[PRINCIPAL] = call.principal
         return await handler(request)
 
     return middleware
