@@ -304,3 +304,16 @@ def test_every_config_mistake_is_reported_and_the_redis_url_is_never_shown(
     assert "hunter2" not in str(caught.value)
     kernel = make_kernel({"rate_limits": {"redis_url": "redis://:hunter2@cache:6379/0"}})
     assert kernel.config["rate_limits"]["redis_url"] == "********"
+
+
+def test_auto_storage_is_redis_once_a_url_is_set(make_kernel: Any) -> None:
+    from inferno.plugins.ratelimit.plugin import storage
+
+    url = "redis://127.0.0.1:6379/0"
+    assert storage(make_kernel(None).plugin_config("rate_limits")) == "memory"
+    assert storage(make_kernel({"rate_limits": {"redis_url": url}})
+                   .plugin_config("rate_limits")) == "redis"
+    assert storage(make_kernel({"rate_limits": {"redis_url": url, "storage": "memory"}})
+                   .plugin_config("rate_limits")) == "memory"
+    with pytest.raises(ConfigError, match=r'rate_limits\.redis_url: storage = "redis" needs'):
+        make_kernel({"rate_limits": {"storage": "redis"}})

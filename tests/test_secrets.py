@@ -31,7 +31,8 @@ def settings(tmp_path: Path, store: Path) -> tuple[list[str], dict[str, str]]:
             'auth.jwt.algorithms=["HS256"]', 'auth.jwt.issuer="https://id.example"',
             'auth.jwt.audience="inferno"', 'auth.jwt.secret_env="TEST_JWT_SECRET"',
             "audit.enabled=true", 'logging.level="debug"', 'logging.format="json"',
-            f'rate_limits.redis_url="redis://:{REDIS_PASSWORD}@127.0.0.1:1/0"']
+            f'rate_limits.redis_url="redis://:{REDIS_PASSWORD}@127.0.0.1:1/0"',
+            'rate_limits.storage="memory"']
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
     env.update({"INFERNO_KERNEL__DATA_DIR": str(tmp_path / "data"),
                 "INFERNO_PROTOCOLS__HTTP__PORT": "0", "INFERNO_AUDIT__KEY": AUDIT_KEY,

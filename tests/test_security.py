@@ -235,3 +235,14 @@ async def test_tls_refuses_clients_older_than_the_minimum_version(tmp_path: Path
         with pytest.raises(aiohttp.ClientConnectorError):
             await fetch("GET", server.url + "/health/live", ssl=old)
     assert status == 200
+
+
+async def test_the_none_provider_is_asked_last_so_a_bad_key_is_refused(
+        tmp_path: Path) -> None:
+    with ServerThread("edge", tmp_path, sets=["auth.api_key.enabled=true"]) as server:
+        anonymous, _, _ = await fetch("GET", server.url + "/v1/models")
+        wrong, body, _ = await fetch("GET", server.url + "/v1/models", headers={
+            "Authorization": "Bearer inf_" + "0" * 12 + "_" + "1" * 64})
+    assert anonymous == 200
+    assert wrong == 401
+    assert body["error"]["message"] == "unknown API key"

@@ -30,6 +30,9 @@ class InsecureAddress(InfernoError):
 class AnonymousAuth(AuthProvider):
     """Vouches for every caller as ``anonymous`` with the configured roles."""
 
+    #: Asked after every other provider, wherever its table is: a key is checked if given.
+    admits_everyone = True
+
     @staticmethod
     @hookimpl
     def inferno_config_spec() -> ConfigSpec:

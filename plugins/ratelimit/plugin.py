@@ -13,7 +13,7 @@ from typing import Any
 
 from dynaconf import Validator
 
-from inferno.kernel import ConfigSpec, KernelHandle, hookimpl
+from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, KernelHandle, hookimpl
 from inferno.kernel.logs import get_logger
 
 from .limits import KEYS, LimitPolicy, valid_limits_table
@@ -28,10 +28,10 @@ DEFAULTS: dict[str, Any] = {
     # Limit calls at all; false lets every call through unchecked.
     "enabled": True,
     # "memory": buckets in this process (one Inferno); "redis": shared by every process
-    # that names the same redis_url and key_prefix.
-    "storage": "memory",
-    # The Redis server for storage = "redis"; may hold a password (never logged).
-    "redis_url": "redis://127.0.0.1:6379/0",
+    # that names the same redis_url and key_prefix; "auto": redis when redis_url is set.
+    "storage": "auto",
+    # The Redis server, e.g. "redis://127.0.0.1:6379/0"; may hold a password (never logged).
+    "redis_url": "",
     # Prefix of every Redis key this plugin writes.
     "key_prefix": "inferno:rl:",
     # Seconds a Redis check may take before it counts as Redis being down.
@@ -68,9 +68,10 @@ def inferno_config_spec() -> ConfigSpec:
     return ConfigSpec(section=SECTION, defaults=DEFAULTS, secrets=frozenset({"redis_url"}),
                       validators=[
         Validator("enabled", is_type_of=bool),
-        Validator("storage", is_in=["memory", "redis"]),
+        Validator("storage", is_in=["auto", "memory", "redis"]),
         Validator("redis_url", is_type_of=str,
-                  condition=lambda url: url.startswith(("redis://", "rediss://", "unix://")),
+                  condition=lambda url: not url or url.startswith(("redis://", "rediss://",
+                                                                   "unix://")),
                   messages={"condition": "redis_url must start with redis://, rediss:// "
                                          "or unix://"}),
         Validator("key_prefix", is_type_of=str),
@@ -85,6 +86,14 @@ def inferno_config_spec() -> ConfigSpec:
             "roles must map each role to a table of requests_per_minute, "
             "tokens_per_minute and concurrent, each a whole number (0: unlimited)")}),
     ])
+
+
+@hookimpl
+def inferno_configure(config: Mapping[str, Any]) -> None:
+    if config["storage"] == "redis" and not config["redis_url"]:
+        raise ConfigError([ConfigProblem(
+            "rate_limits.redis_url", 'storage = "redis" needs the Redis server: set '
+            "rate_limits.redis_url (INFERNO_RATE_LIMITS__REDIS_URL)")])
 
 
 @hookimpl
@@ -114,7 +123,7 @@ async def _serve(kernel: KernelHandle) -> AsyncIterator[None]:
         except StorageUnavailable as exc:
             log.warning("rate limit storage unreachable at start", error=str(exc),
                         calls="let through" if middleware.fail_open else "refused")
-    log.info("rate limits", storage=config["storage"],
+    log.info("rate limits", storage=storage(config),
              where=getattr(store, "where", "this process"))
     try:
         yield
@@ -136,8 +145,15 @@ def limiter(kernel: KernelHandle, config: Mapping[str, Any]) -> RateLimitMiddlew
     return middleware
 
 
+def storage(config: Mapping[str, Any]) -> str:
+    """``memory`` or ``redis``: what ``storage`` names, ``auto`` resolved by ``redis_url``."""
+    if config["storage"] == "auto":
+        return "redis" if config["redis_url"] else "memory"
+    return str(config["storage"])
+
+
 def make_store(config: Mapping[str, Any]) -> Store:
-    if config["storage"] == "redis":
+    if storage(config) == "redis":
         from .redis_store import RedisStore
 
         return RedisStore(config["redis_url"], prefix=config["key_prefix"],

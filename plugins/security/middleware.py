@@ -37,9 +37,11 @@ class SecurityMiddleware:
         self.policy = NetworkPolicy(config["allow"], config["deny"], config["trusted_proxies"])
         self.roles = Roles(config["roles"])
         self.audit_successes = bool(config["audit_successes"])
-        self.providers: list[tuple[str, AuthProvider]] = [
-            (name, driver) for name, driver in kernel.drivers("auth").items()
-            if isinstance(driver, AuthProvider)]
+        providers = [(name, driver) for name, driver in kernel.drivers("auth").items()
+                     if isinstance(driver, AuthProvider)]
+        # a provider that admits every caller would leave the ones after it unasked
+        self.providers: list[tuple[str, AuthProvider]] = sorted(
+            providers, key=lambda item: bool(getattr(item[1], "admits_everyone", False)))
         if not self.providers:
             log.warning("no auth provider is enabled: every call that needs a permission is "
                         "refused (401); add [auth.none] (loopback only) or [auth.api_key]")

@@ -7,9 +7,10 @@ of their own (``[auth.none]``, ``[auth.api_key]``, ``[auth.jwt]``), tried in pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import click
 from dynaconf import Validator
 
 from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, KernelHandle, hookimpl
@@ -58,6 +59,15 @@ def inferno_configure(config: Mapping[str, Any]) -> None:
             problems.append(ConfigProblem(f"security.{key}", str(exc)))
     if problems:
         raise ConfigError(problems)
+
+
+@hookimpl
+def inferno_cli_commands() -> Sequence[click.Command]:
+    """``inferno keys``, whether or not the profile enables ``[auth.api_key]`` (without it
+    the commands say which table to add)."""
+    from inferno.plugins.auth.keys_cli import COMMANDS
+
+    return COMMANDS
 
 
 @hookimpl
