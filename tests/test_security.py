@@ -246,3 +246,81 @@ async def test_the_none_provider_is_asked_last_so_a_bad_key_is_refused(
     assert anonymous == 200
     assert wrong == 401
     assert body["error"]["message"] == "unknown API key"
+
+
+# --------------------------------------------------------------------------- enterprise
+
+
+def enterprise_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
+    return {**env, "INFERNO_KERNEL__DATA_DIR": str(tmp_path / "data"),
+            "INFERNO_PROTOCOLS__HTTP__HOST": "127.0.0.1",
+            "INFERNO_PROTOCOLS__HTTP__PORT": "0", **extra}
+
+
+def test_enterprise_refuses_to_start_without_an_audit_key_and_says_which(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    from .conftest import INFERNO
+
+    done = subprocess.run([str(INFERNO), "--profile", "enterprise"], capture_output=True,
+                          text=True, env=enterprise_env(tmp_path), timeout=60, check=False)
+    assert done.returncode != 0
+    assert "INFERNO_AUDIT__KEY" in done.stderr
+    assert "inferno audit keygen" in done.stderr
+
+
+def test_enterprise_admits_only_keys_and_audits_what_it_decides(tmp_path: Path) -> None:
+    import asyncio
+    import base64
+    import json
+    import secrets
+    import subprocess
+
+    from .conftest import INFERNO
+
+    env = enterprise_env(tmp_path, INFERNO_AUDIT__KEY=base64.b64encode(
+        secrets.token_bytes(32)).decode())
+
+    def inferno(*args: str) -> str:
+        done = subprocess.run([str(INFERNO), *args, "--profile", "enterprise"],
+                              capture_output=True, text=True, env=env, timeout=60,
+                              check=True)
+        return done.stdout
+
+    key = inferno("keys", "create", "--name", "ci", "--role", "viewer").split()[0]
+    assert key.startswith("inf_")
+    server = subprocess.Popen([str(INFERNO), "--profile", "enterprise"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        url = ""
+        while not url:
+            line = server.stderr.readline()
+            assert line, "the server stopped before it listened"
+            if '"listening"' in line:
+                url = json.loads(line)["urls"][0]
+
+        async def calls() -> list[tuple[int, Any, Any]]:
+            return [await fetch("GET", url + "/v1/models"),
+                    await fetch("GET", url + "/v1/models", headers={"X-API-Key": key}),
+                    await fetch("GET", url + "/health/live"),
+                    await fetch("POST", url + "/api/v1/models/x/load",
+                                headers={"X-API-Key": key})]
+
+        answers = asyncio.run(calls())
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert [status for status, _, _ in answers] == [401, 200, 200, 403]
+    assert answers[0][1]["error"]["code"] == "missing_credentials"
+    records = [json.loads(line) for line in inferno("audit", "export").splitlines()]
+    actions = [(r["action"], r["outcome"]) for r in records]
+    assert ("keys.create", "ok") in actions
+    assert ("auth.failure", "denied") in actions
+    assert ("auth.success", "ok") in actions
+    assert ("authz.denied", "denied") in actions
+    assert inferno("audit", "verify").startswith("OK")
