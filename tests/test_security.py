@@ -324,3 +324,39 @@ def test_enterprise_admits_only_keys_and_audits_what_it_decides(tmp_path: Path) 
     assert ("auth.success", "ok") in actions
     assert ("authz.denied", "denied") in actions
     assert inferno("audit", "verify").startswith("OK")
+
+
+async def test_a_client_sending_its_headers_slowly_is_cut_off(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    with ServerThread("edge", tmp_path, sets=["protocols.http.keepalive_timeout=1.0"]) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        started = time.monotonic()
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        closed_after = None
+        for _ in range(40):  # one header byte every 0.1 s, never finishing the head
+            await asyncio.sleep(0.1)
+            try:
+                writer.write(b"X")
+                await writer.drain()
+            except ConnectionError:
+                closed_after = time.monotonic() - started
+                break
+            if reader.at_eof() or await _closed(reader):
+                closed_after = time.monotonic() - started
+                break
+        writer.close()
+    assert closed_after is not None, "the server kept a connection whose headers never ended"
+    assert closed_after < 3.0
+
+
+async def _closed(reader: Any) -> bool:
+    import asyncio
+
+    try:
+        data = await asyncio.wait_for(reader.read(1), 0.01)
+    except TimeoutError:
+        return False
+    return data == b""
