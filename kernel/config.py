@@ -350,7 +350,7 @@ def masked(tree: Mapping[str, Any], secret_paths: frozenset[str] = frozenset(),
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
             result[key] = masked(value, secret_paths, path + ".")
-        elif value not in ("", None) and is_secret(path, secret_paths):
+        elif value not in ("", None, [], ()) and is_secret(path, secret_paths):
             result[key] = MASK
         else:
             result[key] = value

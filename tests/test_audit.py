@@ -329,12 +329,19 @@ async def test_a_cut_log_stays_visibly_cut_after_more_records(tmp_path: Path,
     assert (result.problem.reason, result.problem.seq) == ("deleted", 4)
 
 
-def test_enabled_without_a_key_refuses_to_configure(make_kernel: Any,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enabled_without_a_key_refuses_to_start(make_kernel: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
     monkeypatch.delenv("INFERNO_AUDIT__KEY", raising=False)
-    kernel = make_kernel({"audit": {"enabled": True}}, configure=False)
-    with pytest.raises(ConfigError) as caught:
-        kernel.configure()
+    kernel = make_kernel({"audit": {"enabled": True}})  # the profile itself is valid
+
+    async def start() -> None:
+        async with kernel.running(protocols=False):
+            pass
+
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - the kernel wraps the cause
+        asyncio.run(start())
     message = str(caught.value)
     assert "audit.key" in message
     for advice in ("INFERNO_AUDIT__KEY", "audit.key_file", "inferno audit keygen"):

@@ -226,9 +226,13 @@ def test_keygen_prints_a_fresh_32_byte_key() -> None:
     assert first != second
 
 
-def test_enabled_without_a_key_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enabled_without_a_key_says_what_to_set(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
     monkeypatch.delenv("INFERNO_AUDIT__KEY", raising=False)
-    result = run_inferno("--set", "audit.enabled=true", "profile", "validate")
+    valid = run_inferno("--set", "audit.enabled=true", "profile", "validate")
+    assert valid.returncode == 0  # the key comes with the deployment, not the profile
+    result = run_inferno("--set", "audit.enabled=true", "--set", "protocols.http.port=0",
+                         "--set", f'kernel.data_dir="{tmp_path}"', "serve")
     assert result.returncode == 1
     for advice in ("audit.key", "INFERNO_AUDIT__KEY", "audit.key_file", "inferno audit keygen"):
         assert advice in result.stderr, result.stderr

@@ -3,6 +3,7 @@ fuzzing the server from it (schemathesis) finds no server errors."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -84,8 +85,9 @@ def test_a_route_added_without_the_document_knowing_is_reported_missing(
 
 
 def test_the_websocket_endpoint_on_the_http_port_is_in_the_document(tmp_path: Path) -> None:
-    with ServerThread("enterprise", tmp_path, sets=['protocols.http.host="127.0.0.1"']
-                      ) as server:
+    key = base64.b64encode(b"k" * 32).decode()  # enterprise starts only with an audit key
+    with ServerThread("enterprise", tmp_path, sets=['protocols.http.host="127.0.0.1"',
+                                                    f'audit.key="{key}"']) as server:
         document = document_of(server.url)
         assert missing_from(document, http_app(server)) == []
     assert "x-inferno-undescribed" not in document["paths"]["/v1/ws"]["get"]

@@ -360,3 +360,38 @@ async def _closed(reader: Any) -> bool:
     except TimeoutError:
         return False
     return data == b""
+
+
+def test_an_empty_host_counts_as_every_interface_for_anonymous_access() -> None:
+    from inferno.plugins.auth.anonymous import exposed_addresses
+
+    assert exposed_addresses({"http": {"host": ""}}) == [("http", "")]
+    assert exposed_addresses({"http": {"host": "127.0.0.1"}, "websocket": {}}) == []
+    assert exposed_addresses({"http": {"host": "127.0.0.1", "enabled": False},
+                              "websocket": {"host": "0.0.0.0"}}) == [("websocket", "0.0.0.0")]
+    assert exposed_addresses({"websocket": {"share_http": False, "host": "::"}}) == \
+        [("websocket", "::")]
+
+
+async def test_a_flood_of_bad_credentials_writes_a_bounded_number_of_records(
+        make_kernel: Any) -> None:
+    import base64
+
+    from inferno.plugins.audit.keys import keyring_from
+    from inferno.plugins.audit.verify import read_records
+    from inferno.plugins.security.middleware import FAILURES_PER_MINUTE
+
+    key = base64.b64encode(b"q" * 32).decode()
+    kernel = make_kernel({"auth": {"none": {"enabled": False}, "api_key": {}},
+                          "audit": {"enabled": True, "key": key, "fsync": "never"}},
+                         base="edge")
+    async with kernel.running(protocols=False):
+        gateway = kernel.service("gateway")
+        for _ in range(FAILURES_PER_MINUTE + 20):
+            with pytest.raises(ApiError):
+                await gateway.run(Call("models.list", credentials=Credentials(
+                    {"x-api-key": "inf_" + "0" * 12 + "_" + "1" * 64}, "10.0.0.9")))
+        directory = kernel.service("audit").directory
+    failures = [r for r in read_records(directory, keyring_from({"key": key}))
+                if r.get("action") == "auth.failure"]
+    assert len(failures) == FAILURES_PER_MINUTE

@@ -212,3 +212,57 @@ def test_stdin_lines_carry_the_configured_key_and_a_bad_one_gets_error_lines(
         [("a", "error", 401), ("b", "error", 401)]
     denied = run_stdin(tmp_path, store_path, viewer, [request])
     assert denied[0]["error"]["status"] == 403
+
+
+# --------------------------------------------------------------------------- escalation
+
+
+async def test_using_a_model_does_not_let_a_key_unload_or_pin_it(
+        secured: tuple[ServerThread, dict]) -> None:
+    server, keys = secured
+    _, user = server.store.create("plain-user", roles=["user"])  # type: ignore[attr-defined]
+    for keep_alive in (0, -1, "5m"):
+        status, body = await call("POST", server.url + "/v1/embeddings", user, body={
+            "model": "minilm", "input": "hi", "keep_alive": keep_alive})
+        assert status == 403
+        assert body["error"]["param"] == "keep_alive"
+    status, _ = await call("POST", server.url + "/v1/embeddings", user,
+                           body={"model": "minilm", "input": "hi"})
+    assert status == 200
+    status, _ = await call("POST", server.url + "/v1/embeddings", keys["admin"], body={
+        "model": "minilm", "input": "hi", "keep_alive": "5m"})
+    assert status == 200
+
+
+async def test_a_key_manager_hands_out_no_more_than_it_has(tmp_path: Path) -> None:
+    store_path = tmp_path / "keys.sqlite"
+    store = KeyStore(store_path)
+    _, manager = store.create("manager", roles=["keyadmin", "user"], models=["minilm"])
+    store.close()
+    sets = ["auth.none.enabled=false", f'auth.api_key.store="{store_path}"',
+            'security.roles={keyadmin=["keys:manage"]}']
+    with ServerThread("edge", tmp_path / "data", sets=sets) as server:
+        url = server.url + "/api/v1/keys"
+        admin, body = await call("POST", url, manager, body={"name": "a", "roles": ["admin"],
+                                                            "models": ["minilm"]})
+        assert admin == 403
+        assert "admin" in body["error"]["message"]
+        wider, body = await call("POST", url, manager, body={"name": "b", "roles": ["user"],
+                                                            "models": ["gemma-3-270m"]})
+        assert wider == 403
+        assert body["error"]["code"] == "model_not_allowed"
+        same, body = await call("POST", url, manager, body={"name": "c", "roles": ["user"],
+                                                           "models": ["minilm"]})
+        assert same == 201
+        assert body["key"].startswith("inf_")
+
+
+async def test_a_restricted_key_sees_only_its_models_in_the_status(
+        secured: tuple[ServerThread, dict]) -> None:
+    server, keys = secured
+    await call("POST", server.url + "/api/v1/models/minilm/load", keys["admin"])
+    _, everything = await call("GET", server.url + "/api/v1/status", keys["admin"])
+    _, scoped = await call("GET", server.url + "/api/v1/status", keys["scoped"])
+    assert "minilm" in {row["name"] for row in everything["loaded"]}
+    assert {row["name"] for row in scoped["loaded"]} <= {"gemma-3-270m"}
+    assert set(scoped["queues"]) <= {"gemma-3-270m"}

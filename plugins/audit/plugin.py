@@ -37,6 +37,9 @@ def inferno_configure(config: Mapping[str, Any]) -> None:
 
 @hookimpl
 def inferno_lifespan(kernel: KernelHandle) -> AbstractAsyncContextManager[None] | None:
+    """The log opens when the kernel starts, and without a key it does not start: the key
+    comes with the deployment (INFERNO_AUDIT__KEY), so a profile shows and validates
+    without one."""
     if not kernel.config[SECTION]["enabled"]:
         return None
     return _serve(kernel)

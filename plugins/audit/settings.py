@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dynaconf import ValidationError, Validator
+from dynaconf import Validator
 
 from inferno.kernel.resources import parse_amount
-
-from .keys import key_instructions
 
 if TYPE_CHECKING:
     from inferno.kernel import Kernel, KernelHandle
@@ -58,27 +56,9 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-class KeyWhenEnabled(Validator):  # type: ignore[misc]
-    """``audit.enabled = true`` needs ``audit.key`` or ``audit.key_file``.
-
-    A validator rather than ``inferno_configure``: the section a plugin is configured with
-    leaves out ``enabled``, and this belongs with the rest of the profile's problems.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("key")
-
-    def validate(self, settings: Any, *args: Any, **kwargs: Any) -> None:
-        if settings.get("enabled") is True and not settings.get("key") \
-                and not settings.get("key_file"):
-            raise ValidationError(f"is empty, but audit.enabled is true and the audit log "
-                                  f"needs a key: {key_instructions()}")
-
-
 VALIDATORS = [
     Validator("enabled", "rotate_daily", "fail_closed", is_type_of=bool),
     Validator("key", "key_file", "key_id", "directory", is_type_of=str),
-    KeyWhenEnabled(),
     Validator("previous_keys", condition=_strings,
               messages={"condition": "must be a list of base64 keys"}),
     Validator("max_bytes", condition=_amount,

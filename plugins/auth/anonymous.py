@@ -65,17 +65,26 @@ class AnonymousAuth(AuthProvider):
 
 
 def exposed_addresses(protocols: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The enabled protocols whose ``host`` is not a loopback address."""
+    """The enabled protocols whose ``host`` is not a loopback address ("" listens on every
+    interface)."""
     exposed = []
     for name, table in protocols.items():
         if not isinstance(table, Mapping) or table.get("enabled", True) is False:
             continue
-        if name == "websocket" and table.get("share_http", True) and "http" in protocols:
-            continue  # served on the http protocol's address
+        if name == "websocket" and shares_http(protocols):
+            continue  # served on the http protocol's address, checked as http
         host = table.get("host")
-        if isinstance(host, str) and host and not is_loopback(host):
+        if isinstance(host, str) and not is_loopback(host):
             exposed.append((name, host))
     return exposed
+
+
+def shares_http(protocols: Mapping[str, Any]) -> bool:
+    """Whether the WebSocket endpoint is on the http protocol's server (an enabled one)."""
+    http = protocols.get("http")
+    own = protocols.get("websocket", {})
+    return bool(own.get("share_http", True)) and isinstance(http, Mapping) \
+        and http.get("enabled", True) is not False
 
 
 def is_loopback(host: str) -> bool:

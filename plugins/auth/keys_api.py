@@ -16,12 +16,19 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from inferno.kernel import KernelHandle, get_logger
+from inferno.kernel import KernelHandle, Principal, get_logger
 from inferno.plugins.gateway.bodies import require_object
 from inferno.plugins.gateway.calls import Call, Operation, ValueReply
 from inferno.plugins.gateway.errors import ApiError, invalid
 from inferno.plugins.gateway.permissions import runs
-from inferno.plugins.protocols.web import REQUEST_ID, credentials, json_response, read_json
+from inferno.plugins.protocols.web import (
+    PRINCIPAL,
+    REQUEST_ID,
+    credentials,
+    json_response,
+    read_json,
+)
+from inferno.plugins.security.roles import ADMIN, Roles, allowed_models
 
 from .keystore import (
     LIMIT_NAMES,
@@ -85,13 +92,18 @@ class KeyAdmin:
         records = await asyncio.to_thread(self.store.list, include_revoked=include)
         return [record.public() for record in records]
 
-    async def create(self, body: Mapping[str, Any], actor: Actor) -> dict[str, Any]:
-        """A new key: its record and, this once, the key."""
+    async def create(self, body: Mapping[str, Any], actor: Actor,
+                     creator: Principal | None = None) -> dict[str, Any]:
+        """A new key: its record and, this once, the key. A ``creator`` (the caller over
+        HTTP) may give no more than it has: roles within its permissions, models within
+        its allowlist."""
         _unknown(body, CREATE_FIELDS)
         name = _name(body.get("name"))
         roles = self._roles(body.get("roles"))
         owner = _text(body.get("owner", actor.principal or ""), "owner")
         models = _names(body.get("models", []), "models")
+        if creator is not None:
+            self.within_reach(creator, roles, models)
         limits = _limits(body.get("limits", {}))
         expires_at = _expiry(body.get("expires"))
         record, key = await self._store_call(
@@ -109,11 +121,16 @@ class KeyAdmin:
         await self._audit("keys.revoke", actor, record.id, {"name": record.name})
         return record.public()
 
-    async def rotate(self, body: Mapping[str, Any], actor: Actor) -> dict[str, Any]:
+    async def rotate(self, body: Mapping[str, Any], actor: Actor,
+                     creator: Principal | None = None) -> dict[str, Any]:
         """Replace the key ``id`` with a new one of the same attributes; the old key is
-        revoked at once. ``expires`` gives the new key another expiry."""
+        revoked at once. ``expires`` gives the new key another expiry. A ``creator`` may
+        only rotate keys it could have created."""
         _unknown(body, ROTATE_FIELDS)
         ref = _ref(body)
+        if creator is not None:
+            current = await self._store_call(lambda: self.store.get(ref))
+            self.within_reach(creator, list(current.roles), list(current.models))
         expires_at: float | Literal["keep"] | None = \
             _expiry(body["expires"]) if "expires" in body else "keep"
         new, key, old = await self._store_call(
@@ -121,6 +138,23 @@ class KeyAdmin:
         await self._audit("keys.rotate", actor, old.id, {
             "name": old.name, "new_key_id": new.id}, undo=lambda: self.store.withdraw(new))
         return {**new.public(), "key": key, "replaces": old.id}
+
+    def within_reach(self, creator: Principal, roles: list[str], models: list[str]) -> None:
+        """Refuse (403) a key that would give more than ``creator`` has itself."""
+        table = Roles(self.kernel.config.get("security", {}).get("roles", {}))
+        mine = table.permissions(creator)
+        if ADMIN not in mine:
+            wanted = set().union(*(table.table.get(role, frozenset()) for role in roles))
+            beyond = sorted(wanted - mine)
+            if beyond:
+                raise ApiError(403, f"{creator.id} may not hand out roles {roles}: they grant "
+                                    f"{', '.join(beyond)}, which it does not have",
+                               param="roles", code="permission_denied")
+        allowed = allowed_models(creator)
+        if allowed is not None and (not models or not set(models) <= allowed):
+            raise ApiError(403, f"{creator.id} may use only {', '.join(sorted(allowed))}; a "
+                                f"key it makes must name models among them", param="models",
+                           code="model_not_allowed")
 
     def _roles(self, value: Any) -> list[str]:
         roles = _names(value, "roles")
@@ -258,13 +292,15 @@ def operations(kernel: KernelHandle) -> dict[str, tuple[Operation, str]]:
         return ValueReply(await admin.list_keys(require_object(call.body)))
 
     async def create_key(call: Call) -> ValueReply:
-        return ValueReply(await admin.create(require_object(call.body), Actor.of(call)))
+        return ValueReply(await admin.create(require_object(call.body), Actor.of(call),
+                                             call.principal))
 
     async def revoke_key(call: Call) -> ValueReply:
         return ValueReply(await admin.revoke(require_object(call.body), Actor.of(call)))
 
     async def rotate_key(call: Call) -> ValueReply:
-        return ValueReply(await admin.rotate(require_object(call.body), Actor.of(call)))
+        return ValueReply(await admin.rotate(require_object(call.body), Actor.of(call),
+                                             call.principal))
 
     return {"keys.list": (list_keys, PERMISSION), "keys.create": (create_key, PERMISSION),
             "keys.revoke": (revoke_key, PERMISSION), "keys.rotate": (rotate_key, PERMISSION)}
@@ -275,7 +311,7 @@ def routes(kernel: KernelHandle) -> list[web.RouteDef]:
 
     async def run(request: web.Request, operation: str, body: Mapping[str, Any]) -> Any:
         call = Call(operation, body, protocol="http", id=request[REQUEST_ID],
-                    credentials=credentials(request))
+                    credentials=credentials(request), principal=request.get(PRINCIPAL))
         reply = await kernel.service("gateway").run(call)
         return reply.value
 

@@ -85,7 +85,8 @@ class Connection:
             if message["type"] not in OPERATIONS:
                 await self.protocol.gateway.run(Call(
                     "access", protocol="websocket", credentials=self.credentials,
-                    permission=MESSAGE_PERMISSIONS[message["type"]]))
+                    permission=MESSAGE_PERMISSIONS[message["type"]],
+                    state={"message": message["type"]}))
             await handler(self, message)
         except ApiError as exc:
             await self.refuse(message_id, exc)

@@ -4,6 +4,7 @@ may use, and audit records of all of it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,13 @@ AUDITED_PERMISSIONS = frozenset({"models:manage", "cache:manage", "batch:submit"
 #: Operations whose body names a model the caller must be allowed to use.
 MODEL_OPERATIONS = frozenset({"chat", "completion", "embeddings", "models.get", "models.load",
                               "models.unload", "models.rollback"})
+#: Operations whose ``keep_alive`` sets how long a model stays loaded (0 unloads it, -1 pins
+#: it): managing models, not using them.
+KEEP_ALIVE_OPERATIONS = frozenset({"chat", "completion", "embeddings"})
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="inferno"'}
+#: Authentication failures recorded per source address and minute; the rest are counted
+#: and the count goes into the next record, so a flood of bad credentials cannot fill the disk.
+FAILURES_PER_MINUTE = 30
 
 log = get_logger("security")
 
@@ -42,6 +49,8 @@ class SecurityMiddleware:
         # a provider that admits every caller would leave the ones after it unasked
         self.providers: list[tuple[str, AuthProvider]] = sorted(
             providers, key=lambda item: bool(getattr(item[1], "admits_everyone", False)))
+        #: source address → (window start, records in it, records left out)
+        self._failures: dict[str, tuple[float, int, int]] = {}
         if not self.providers:
             log.warning("no auth provider is enabled: every call that needs a permission is "
                         "refused (401); add [auth.none] (loopback only) or [auth.api_key]")
@@ -77,17 +86,15 @@ class SecurityMiddleware:
             try:
                 principal = await provider.authenticate(call.credentials)
             except AuthError as exc:
-                await self.record(call, "auth.failure", "denied",
-                                  details={"provider": name, "reason": str(exc)})
+                await self.record_failure(call, {"provider": name, "reason": str(exc)})
                 raise ApiError(401, str(exc), code="invalid_credentials",
                                headers=CHALLENGE) from None
             if principal is not None:
-                if self.audit_successes:
+                if self.audit_successes and not _housekeeping(call):
                     await self.record(call, "auth.success", "ok", principal=principal,
                                       details={"provider": name})
                 return principal
-        await self.record(call, "auth.failure", "denied",
-                          details={"reason": "no credentials a provider accepts"})
+        await self.record_failure(call, {"reason": "no credentials a provider accepts"})
         if not self.providers:
             message = ("this server has no auth provider enabled, so it admits nobody: "
                        "its profile needs [auth.api_key], [auth.jwt] or [auth.none]")
@@ -104,6 +111,15 @@ class SecurityMiddleware:
             roles = ", ".join(sorted(principal.roles)) or "none"
             raise ApiError(403, f"{principal.id} (roles: {roles}) may not {call.operation}: "
                                 f"that needs the permission {call.permission!r}",
+                           code="permission_denied")
+        if call.operation in KEEP_ALIVE_OPERATIONS and isinstance(call.body, Mapping) \
+                and call.body.get("keep_alive") is not None \
+                and not self.roles.grants(principal, "models:manage"):
+            await self.record(call, "authz.denied", "denied", principal=principal,
+                              resource=call.model or "", details={"reason": "keep_alive"})
+            raise ApiError(403, f"{principal.id} may not set keep_alive: how long a model "
+                                f"stays loaded is for callers with the permission "
+                                f"'models:manage'; leave the field out", param="keep_alive",
                            code="permission_denied")
         allowed = allowed_models(principal)
         if allowed is None or call.operation not in MODEL_OPERATIONS:
@@ -126,17 +142,43 @@ class SecurityMiddleware:
         return canonical in allowed
 
     async def filtered(self, call: Call, reply: Any) -> Any:
-        """A model list shows a principal with a model allowlist only its models."""
+        """A model list and the status show a principal with a model allowlist only its
+        models."""
         allowed = allowed_models(call.principal) if call.principal else None
-        if allowed is None or call.operation != "models.list" \
-                or not isinstance(reply, ValueReply) or not isinstance(reply.value, list):
+        if allowed is None or not isinstance(reply, ValueReply):
             return reply
-        reply.value = [row for row in reply.value if isinstance(row, Mapping)
-                       and (row.get("name") in allowed
-                            or set(row.get("aliases") or ()) & allowed)]
+        if call.operation == "models.list" and isinstance(reply.value, list):
+            reply.value = [row for row in reply.value if isinstance(row, Mapping)
+                           and (row.get("name") in allowed
+                                or set(row.get("aliases") or ()) & allowed)]
+        elif call.operation == "status" and isinstance(reply.value, Mapping):
+            value = dict(reply.value)
+            value["loaded"] = [row for row in value.get("loaded", ())
+                               if self._model_allowed(str(row.get("name")), allowed)]
+            value["queues"] = {name: stats for name, stats in value.get("queues", {}).items()
+                               if self._model_allowed(name, allowed)}
+            reply.value = value
         return reply
 
     # ------------------------------------------------------------------ the audit log
+
+    async def record_failure(self, call: Call, details: dict[str, Any]) -> None:
+        """An ``auth.failure`` record, at most ``FAILURES_PER_MINUTE`` per source address a
+        minute; the ones left out are counted in the next (``suppressed``)."""
+        source = str(call.state.get("client_ip") or call.credentials.peer)
+        now = time.monotonic()
+        started, count, suppressed = self._failures.get(source, (now, 0, 0))
+        if now - started >= 60:
+            started, count = now, 0
+        if count >= FAILURES_PER_MINUTE:
+            self._failures[source] = (started, count, suppressed + 1)
+            return
+        if len(self._failures) > 10_000:  # a flood of addresses: forget the oldest windows
+            self._failures = dict(sorted(self._failures.items(), key=lambda i: i[1][0])[-5000:])
+        self._failures[source] = (started, count + 1, 0)
+        if suppressed:
+            details = {**details, "suppressed": suppressed}
+        await self.record(call, "auth.failure", "denied", details=details)
 
     async def record(self, call: Call, action: str, outcome: str, *,
                      principal: Principal | None = None, resource: str = "",
@@ -161,3 +203,10 @@ class SecurityMiddleware:
             raise ApiError(503, "the audit log cannot be written, so this server refuses "
                                 "calls until it can (audit.fail_closed)",
                            code="audit_unavailable", retry_after=5) from None
+
+
+def _housekeeping(call: Call) -> bool:
+    """A WebSocket ping, cancel or unsubscribe: checked like any call, but too frequent and
+    too empty to be worth an ``auth.success`` record each (the upgrade has one)."""
+    return call.operation == "access" and call.protocol == "websocket" \
+        and call.state.get("message") is not None
