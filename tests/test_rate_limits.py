@@ -199,6 +199,30 @@ async def test_a_streams_tokens_are_charged_when_it_ends() -> None:
     await middleware(call(), value)
 
 
+async def test_a_stream_dropped_before_its_end_is_charged_what_it_streamed() -> None:
+    clock = Clock()
+    middleware = limited(clock, anonymous={**DEFAULTS["anonymous"], "tokens_per_minute": 10})
+
+    async def long_answer() -> AsyncIterator[Delta | Final]:
+        for _ in range(100):
+            yield Delta("word", 3)
+        yield Final("stop", {"prompt_tokens": 1, "completion_tokens": 300})
+
+    async def generate(call: Call) -> StreamReply:
+        return StreamReply("m", long_answer())
+
+    reply = await middleware(call(), generate)
+    taken = 0
+    async for _ in reply:
+        taken += 1
+        if taken == 4:  # 12 tokens streamed, then the client hangs up
+            break
+    await reply.aclose()
+    error = await refusal(middleware, call())
+    assert error.status == 429
+    assert error.retry_after == 18  # (1 + 2) tokens in debt at 10 a minute
+
+
 async def test_anonymous_callers_are_counted_per_address() -> None:
     middleware = limited(Clock(), anonymous={**DEFAULTS["anonymous"], "requests_per_minute": 1})
     await middleware(call("10.0.0.1"), value)

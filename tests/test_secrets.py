@@ -60,6 +60,12 @@ async def drive(url: str, credentials: list[str], admin: str) -> tuple[dict[str,
                                            data=body) as response:
                     await response.read()
                     seen[f"{number} {method} {path}"] = response.status
+        host, port = url.removeprefix("http://").rsplit(":", 1)  # a header aiohttp cannot parse
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}"
+                     f"\x01\r\n\r\n".encode())
+        seen["malformed header"] = int((await reader.readline()).split()[1])
+        writer.close()
         async with session.post(url + "/api/v1/keys", json={"name": "made", "roles": ["viewer"]},
                                 headers={"X-API-Key": admin}) as response:
             created = (await response.json())["key"]
@@ -88,6 +94,7 @@ def test_no_secret_appears_in_logs_errors_config_or_the_audit_log(tmp_path: Path
         server.terminate()
         server.wait(30)
     assert statuses["0 GET /v1/models"] == 200
+    assert statuses["malformed header"] == 400
     assert statuses["3 GET /v1/models"] == 200
     assert {statuses[f"{n} GET /v1/models"] for n in (1, 2, 4, 5)} == {401}
     shown = subprocess.run([str(INFERNO), "profile", "show", "edge", *args], env=env,

@@ -395,3 +395,22 @@ async def test_a_flood_of_bad_credentials_writes_a_bounded_number_of_records(
     failures = [r for r in read_records(directory, keyring_from({"key": key}))
                 if r.get("action") == "auth.failure"]
     assert len(failures) == FAILURES_PER_MINUTE
+
+
+async def test_a_loopback_server_answers_no_dns_name_it_was_not_given(tmp_path: Path) -> None:
+    sets = ['protocols.http.allowed_hosts=["inferno.local"]']
+    with ServerThread("edge", tmp_path, sets=sets) as server:
+        port = server.url.rsplit(":", 1)[1]
+        rebound, body, _ = await fetch("GET", server.url + "/v1/models",
+                                       headers={"Host": f"evil.example:{port}"})
+        page, _, _ = await fetch("POST", server.url + "/api/v1/models/minilm/unload", headers={
+            "Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+        named, _, _ = await fetch("GET", server.url + "/v1/models",
+                                  headers={"Host": f"inferno.local:{port}"})
+        own, _, _ = await fetch("GET", server.url + "/v1/models", headers={
+            "Origin": f"http://127.0.0.1:{port}"})
+    assert rebound == 403
+    assert body["error"]["code"] == "host_not_allowed"
+    assert page == 403
+    assert named == 200
+    assert own == 200

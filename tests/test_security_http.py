@@ -266,3 +266,28 @@ async def test_a_restricted_key_sees_only_its_models_in_the_status(
     assert "minilm" in {row["name"] for row in everything["loaded"]}
     assert {row["name"] for row in scoped["loaded"]} <= {"gemma-3-270m"}
     assert set(scoped["queues"]) <= {"gemma-3-270m"}
+
+
+async def test_a_revoked_subscriber_gets_no_more_events(
+        secured: tuple[ServerThread, dict]) -> None:
+    import asyncio
+
+    server, keys = secured
+    endpoint = "ws" + server.url.removeprefix("http") + "/v1/ws"
+    _, key = server.store.create("listener", roles=["operator"])  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(endpoint, headers={"X-API-Key": key}) as ws:
+        await ws.send_json({"type": "subscribe", "id": 1, "topics": ["model.*"]})
+        assert (await ws.receive_json(timeout=10))["type"] == "subscribed"
+        server.store.revoke("listener")  # type: ignore[attr-defined]
+        await asyncio.sleep(1.1)  # past the recheck interval
+        await call("POST", server.url + "/api/v1/models/minilm/unload", keys["admin"])
+        await call("POST", server.url + "/api/v1/models/minilm/load", keys["admin"])
+        frames = []
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            frames.append(json.loads(message.data))
+    assert [f["type"] for f in frames] == ["error"]
+    assert frames[0]["error"]["status"] == 401
+    assert ws.closed  # the server ended the connection: no event reached a revoked key

@@ -109,6 +109,8 @@ class StreamReply:
         self._started = False
         self._closing: list[Callable[[], Awaitable[None] | None]] = []
         self.final: Final | None = None
+        #: Tokens of the deltas handed out so far (what a reply closed early has cost).
+        self.streamed_tokens = 0
 
     def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
         """Run ``callback`` once the reply is done with: iterated to the end, or closed
@@ -132,6 +134,8 @@ class StreamReply:
     def _remember(self, event: Delta | Final) -> Delta | Final:
         if isinstance(event, Final):
             self.final = event
+        else:
+            self.streamed_tokens += event.tokens
         return event
 
     async def collect(self) -> tuple[str, Final]:

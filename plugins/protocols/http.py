@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "tls_min_version": "1.2",
     # Origins browsers may call from (CORS), for example ["https://app.example.com"]; "*" any.
     "cors_origins": [],
+    # On a loopback address, the host names (beside addresses and localhost) requests may
+    # name in their Host header: a guard against DNS rebinding.
+    "allowed_hosts": [],
     # Largest request body accepted; larger is refused with 413.
     "max_body_size": "4MiB",
     # Seconds a client may take to send its request body.
@@ -82,7 +85,7 @@ class HttpProtocol(Protocol):
             Validator("keepalive_timeout", gt=0),
             Validator("max_concurrent", gte=1, is_type_of=int),
             Validator("stream_keepalive", gt=0),
-            Validator("cors_origins", is_type_of=list),
+            Validator("cors_origins", "allowed_hosts", is_type_of=list),
             Validator("tls_min_version", is_in=list(TLS_VERSIONS)),
         ])
 
@@ -123,7 +126,9 @@ class HttpProtocol(Protocol):
         self.runner = web.AppRunner(
             self.app, handler_cancellation=True, access_log_class=AccessLogger,
             access_log=logging.getLogger("inferno.http.access") if self.config["access_log"]
-            else None, keepalive_timeout=float(self.config["keepalive_timeout"]))
+            else None, keepalive_timeout=float(self.config["keepalive_timeout"]),
+            max_field_size=MAX_FIELD_SIZE)
+        _quiet_parser_errors()
         await self.runner.setup()
         context = self._tls()
         scheme = "https" if context else "http"
@@ -204,6 +209,29 @@ def _remove(path: Path) -> None:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+#: The longest header value read: room for a large JWT (aiohttp's default is 8190 bytes).
+MAX_FIELD_SIZE = 16_384
+
+
+class _NoRequestText(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback that quotes the offending
+    header line, which may carry a key or a token. Keep the line saying what went wrong,
+    without the traceback or the quoted text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            said = record.getMessage()
+            record.msg, record.args = "%s: %s", (said, type(record.exc_info[1]).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_parser_errors() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _NoRequestText) for f in server_log.filters):
+        server_log.addFilter(_NoRequestText())
 
 
 class AccessLogger(AbstractAccessLogger):

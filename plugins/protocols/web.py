@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import re
 import time
@@ -71,7 +72,41 @@ def origin_allowed(request: web.BaseRequest, origins: Sequence[str]) -> bool:
     if origin is None or "*" in origins or origin in origins:
         return True
     own = f"{request.scheme}://{request.host}"
-    return origin.lower() == own.lower()
+    # a page of a name that resolves here (DNS rebinding) would be "own": only addresses
+    # and localhost count as the server's own origin; names must be listed
+    return origin.lower() == own.lower() and _literal_host(request.host)
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _literal_host(host: str) -> bool:
+    """Whether a Host header names an IP address or localhost, not a DNS name."""
+    name = _hostname(host).lower()
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(request: web.BaseRequest, listening: str, names: Sequence[str]) -> bool:
+    """Whether a server listening on ``listening`` may answer this request's ``Host``: on a
+    loopback address only an address, localhost or one of ``names`` (a web page on a DNS
+    name an attacker points at 127.0.0.1 must not reach a local Inferno)."""
+    try:
+        loopback = listening == "localhost" or ipaddress.ip_address(listening).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return True
+    return _literal_host(request.host) or _hostname(request.host).lower() in \
+        {name.lower() for name in names}
 
 
 def forbidden_origin(request: web.BaseRequest, key: str = "protocols.http.cors_origins"
@@ -134,11 +169,18 @@ def envelope_middleware(server: Server) -> Any:
 def origin_middleware(server: Server) -> Any:
     """Refuse requests a web page of another site sent (see ``origin_allowed``)."""
     origins = list(server.config["cors_origins"])
+    listening, names = str(server.config["host"]), list(server.config["allowed_hosts"])
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request],
                                                                  Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
+        if not host_allowed(request, listening, names):
+            raise ApiError(403, f"this server listens on loopback and answers only to "
+                                f"addresses and localhost, not to the name "
+                                f"{_hostname(request.host)!r}; add it to "
+                                f"protocols.http.allowed_hosts to allow it",
+                           code="host_not_allowed")
         if request.method != "OPTIONS" and not origin_allowed(request, origins):
             raise forbidden_origin(request)
         return await handler(request)

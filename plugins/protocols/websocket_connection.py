@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ EVENT_QUEUE = 256
 #: Topics (names or patterns) one connection may be subscribed to at once: each event is
 #: matched against every one of them.
 MAX_TOPICS = 64
+#: Seconds between two checks of a subscriber's credentials while events flow.
+RECHECK_SECONDS = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,6 +64,8 @@ class Connection:
         self.inflight: dict[str | int, InFlight] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.topics: set[str] = set()
+        #: When the credentials were last found good, for relaying events.
+        self.checked = time.monotonic()
         self.subscription: Subscription | None = None
         self._writing = asyncio.Lock()
 
@@ -214,9 +219,23 @@ class Connection:
         await self.send(_ack("unsubscribed", message, self.topics))
 
     async def relay(self, event: Event) -> None:
-        if any(fnmatchcase(event.topic, pattern) for pattern in self.topics):
-            await self.send({"type": "event", "topic": event.topic,
-                             "data": dataclasses.asdict(event)})
+        if not any(fnmatchcase(event.topic, pattern) for pattern in self.topics):
+            return
+        now = time.monotonic()
+        if now - self.checked >= RECHECK_SECONDS:  # a key revoked since: no more events
+            try:
+                await self.protocol.gateway.run(Call(
+                    "access", protocol="websocket", credentials=self.credentials,
+                    permission=AUTHENTICATED, state={"message": "event"}))
+            except ApiError as exc:
+                self.topics.clear()
+                await self.refuse(None, exc)
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                                    message=b"credentials no longer accepted")
+                return
+            self.checked = now
+        await self.send({"type": "event", "topic": event.topic,
+                         "data": dataclasses.asdict(event)})
 
     async def ping(self, message: Mapping[str, Any]) -> None:
         await self.send(_ack("pong", message))

@@ -76,7 +76,8 @@ class RateLimitMiddleware:
             async def closed() -> None:
                 final = reply.final
                 await self._finish(owner, limits, lease,
-                                   used_tokens(final.usage) if final is not None else 0)
+                                   used_tokens(final.usage) if final is not None
+                                   else reply.streamed_tokens)
             reply.on_close(closed)
         else:
             value = reply.value if isinstance(reply, ValueReply) else None

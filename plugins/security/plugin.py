@@ -14,9 +14,12 @@ import click
 from dynaconf import Validator
 
 from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, KernelHandle, hookimpl
+from inferno.kernel.logs import get_logger
 
 from .network import networks
 from .roles import role_problems
+
+log = get_logger("security")
 
 DEFAULTS: dict[str, Any] = {
     # Roles beside (or replacing) the built-in viewer, user, operator and admin:
@@ -81,4 +84,11 @@ def inferno_request_middleware(kernel: KernelHandle) -> Any:
         raise ConfigError([ConfigProblem(
             "protocols.http.cors_origins", "must name origins one by one: this profile "
             "forbids '*' (security.allow_wildcard_cors = false)")])
+    if isinstance(http, Mapping) and http.get("enabled", True) is not False \
+            and not http.get("tls_cert") and not config["trusted_proxies"] \
+            and str(http.get("host", "")) not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("HTTP on a network address without TLS: keys and tokens cross the "
+                    "network in clear; set protocols.http.tls_cert and tls_key, or list the "
+                    "proxy that terminates TLS in security.trusted_proxies",
+                    host=http.get("host"))
     return SecurityMiddleware(kernel, config)
