@@ -58,9 +58,7 @@ class ApiKeyAuth(AuthProvider):
         from inferno.plugins.protocols import http_hookspecs
 
         http_hookspecs.add_to(plugin_manager)
-        if not hasattr(plugin_manager.hook, "inferno_gateway_operations") or \
-                plugin_manager.hook.inferno_gateway_operations.spec is None:
-            plugin_manager.add_hookspecs(gateway_hookspecs)
+        gateway_hookspecs.add_to(plugin_manager)
 
     @staticmethod
     @hookimpl

@@ -178,6 +178,18 @@ def _find(db: sqlite3.Connection, ref: str) -> KeyRecord:
     return _record(row)
 
 
+def _revoke(db: sqlite3.Connection, ref: str, if_revoked: str) -> tuple[KeyRecord, float]:
+    """Revoke the key ``ref`` inside a transaction: its record and when; ``KeyConflict``
+    (``if_revoked``, with ``{when}``) for a key revoked already."""
+    record = _find(db, ref)
+    if record.revoked_at is not None:
+        raise KeyConflict(f"API key {record.id} ({record.name}) "
+                          + if_revoked.format(when=iso(record.revoked_at)))
+    now = time.time()
+    db.execute("UPDATE keys SET revoked_at = ? WHERE id = ?", (now, record.id))
+    return record, now
+
+
 def _record(row: Sequence[Any]) -> KeyRecord:
     return KeyRecord(id=row[0], name=row[1], owner=row[2], roles=tuple(json.loads(row[3])),
                      models=tuple(json.loads(row[4])), limits=json.loads(row[5]),
@@ -320,12 +332,7 @@ class KeyStore:
         """Revoke a key by id or name; every process sharing the file refuses it from its
         next lookup on."""
         with self._transaction() as db:
-            record = _find(db, ref)
-            if record.revoked_at is not None:
-                raise KeyConflict(f"API key {record.id} ({record.name}) was already revoked "
-                                  f"at {iso(record.revoked_at)}")
-            now = time.time()
-            db.execute("UPDATE keys SET revoked_at = ? WHERE id = ?", (now, record.id))
+            record, now = _revoke(db, ref, "was already revoked at {when}")
         return replace(record, revoked_at=now)
 
     def rotate(self, ref: str, *, expires_at: float | Literal["keep"] | None = "keep"
@@ -334,12 +341,7 @@ class KeyStore:
         (unless ``expires_at`` is given) expiry; the old key is revoked at once. Returns the
         new record, the new key and the old record."""
         with self._transaction() as db:
-            old = _find(db, ref)
-            if old.revoked_at is not None:
-                raise KeyConflict(f"API key {old.id} ({old.name}) is revoked; create a new "
-                                  f"key instead")
-            now = time.time()
-            db.execute("UPDATE keys SET revoked_at = ? WHERE id = ?", (now, old.id))
+            old, now = _revoke(db, ref, "is revoked; create a new key instead")
             new, key = self._insert(db, old.name, roles=old.roles, owner=old.owner,
                                     models=old.models, limits=old.limits,
                                     expires_at=old.expires_at if expires_at == "keep"

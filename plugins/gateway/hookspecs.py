@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
+
+import pluggy
 
 from inferno.kernel import KernelHandle
 from inferno.kernel.hookspecs import hookspec
@@ -34,3 +37,11 @@ def inferno_gateway_operations(kernel: KernelHandle
     ``inferno.plugins.gateway.permissions``). Protocols reach them by name
     (``Call("keys.list")``).
     """
+
+
+def add_to(plugin_manager: pluggy.PluginManager) -> None:
+    """Add these specs unless they are there: the ``gateway`` plugin adds them, and so does
+    a driver offering operations (``api_key``), whichever registers first."""
+    if not hasattr(plugin_manager.hook, "inferno_gateway_operations") or \
+            plugin_manager.hook.inferno_gateway_operations.spec is None:
+        plugin_manager.add_hookspecs(sys.modules[__name__])

@@ -30,9 +30,7 @@ DEFAULTS: dict[str, Any] = {
 
 @hookimpl
 def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-    if not hasattr(plugin_manager.hook, "inferno_request_middleware") or \
-            plugin_manager.hook.inferno_request_middleware.spec is None:
-        plugin_manager.add_hookspecs(hookspecs)
+    hookspecs.add_to(plugin_manager)
 
 
 @hookimpl
