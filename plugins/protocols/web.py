@@ -103,8 +103,8 @@ def host_allowed(request: web.BaseRequest, listening: str, names: Sequence[str])
         loopback = listening == "localhost" or ipaddress.ip_address(listening).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
-        return True
+    if not loopback or not _literal_host(request.remote or ""):
+        return True  # on a network address, or a Unix socket (which no web page reaches)
     return _literal_host(request.host) or _hostname(request.host).lower() in \
         {name.lower() for name in names}
 
