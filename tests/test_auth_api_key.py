@@ -3,18 +3,17 @@ operations' audit records, and the ``/api/v1/keys`` routes through a real server
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from inferno.kernel import AuthError, Credentials, hookimpl
+from inferno.kernel import AuthError, Credentials
 from inferno.plugins.auth.keystore import (
     KeyConflict,
     KeyNotFound,
@@ -226,42 +225,33 @@ async def test_a_store_path_lets_kernels_share_keys(make_kernel: Any, tmp_path: 
 # --------------------------------------------------------------------------- audit
 
 
-class AuditLog:
-    """An audit service as the ``audit`` plugin offers it, recording in memory."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str, dict[str, Any]]] = []
-        self.broken, self.fail_closed = False, True
-
-    async def record(self, action: str, outcome: str, **fields: Any) -> None:
-        if self.broken:
-            raise OSError("the audit disk is full")
-        self.records.append((action, outcome, fields))
-
-    @hookimpl
-    def inferno_lifespan(self, kernel: Any) -> AbstractAsyncContextManager[None]:
-        @asynccontextmanager
-        async def offered() -> AsyncIterator[None]:
-            kernel.provide("audit", self)
-            yield
-
-        return offered()
-
-
 def call(operation: str, body: dict[str, Any], key: str) -> Call:
     return Call(operation, body, protocol="test", credentials=Credentials({"x-api-key": key}))
 
 
-async def audited_kernel(make_kernel: Any, audit: AuditLog) -> tuple[Any, str]:
-    """A started kernel (no protocols) with ``audit`` as its audit log, and an admin key."""
-    kernel = make_kernel({"auth": {"api_key": {}}}, plugins={"audit": audit})
+async def audited_kernel(make_kernel: Any, folder: Path, *, disk_full: bool = False,
+                         fail_closed: bool = True) -> tuple[Any, str, Any]:
+    """A started kernel (no protocols) with the real audit log in ``folder`` (on a full disk
+    with ``disk_full``), an admin key, and what reads the log back."""
+    from inferno.plugins.audit.files import log_name, today
+    from inferno.plugins.audit.keys import keyring_from, new_key
+    from inferno.plugins.audit.verify import read_records
+
+    audit_key = new_key()
+    folder.mkdir()
+    if disk_full:
+        (folder / log_name(1, today())).symlink_to("/dev/full")
+    kernel = make_kernel({"auth": {"api_key": {}}, "security": {"audit_successes": False},
+                          "audit": {"enabled": True, "key": audit_key, "fsync": "never",
+                                    "directory": str(folder), "fail_closed": fail_closed}})
     await kernel.start(protocols=False)
-    return kernel, kernel.drivers("auth")["api_key"].store.create("root", roles=["admin"])[1]
+    admin = kernel.drivers("auth")["api_key"].store.create("root", roles=["admin"])[1]
+    return kernel, admin, lambda: list(read_records(folder, keyring_from({"key": audit_key})))
 
 
-async def test_key_changes_are_audited_with_the_id_never_the_key(make_kernel: Any) -> None:
-    audit = AuditLog()
-    kernel, admin = await audited_kernel(make_kernel, audit)
+async def test_key_changes_are_audited_with_the_id_never_the_key(make_kernel: Any,
+                                                                 tmp_path: Path) -> None:
+    kernel, admin, records = await audited_kernel(make_kernel, tmp_path / "audit")
     try:
         gateway = kernel.service("gateway")
         created = (await gateway.run(call("keys.create", {
@@ -270,25 +260,24 @@ async def test_key_changes_are_audited_with_the_id_never_the_key(make_kernel: An
         await gateway.run(call("keys.revoke", {"id": rotated["id"]}, admin))
     finally:
         await kernel.stop()
-    mine = [(a, o, f) for a, o, f in audit.records if a.startswith("keys.")]
-    assert [(a, o, f["resource"]) for a, o, f in mine] == [
+    mine = [r for r in records() if r["action"].startswith("keys.")]
+    assert [(r["action"], r["outcome"], r["resource"]) for r in mine] == [
         ("keys.create", "ok", created["id"]), ("keys.rotate", "ok", created["id"]),
         ("keys.revoke", "ok", rotated["id"])]
     root = f"key:{admin.split('_')[1]}"
-    assert {f["principal"] for _, _, f in mine} == {root}
-    assert mine[1][2]["details"]["new_key_id"] == rotated["id"]
-    text = repr(audit.records)
+    assert {r["principal"] for r in mine} == {root}
+    assert mine[1]["details"]["new_key_id"] == rotated["id"]
+    text = json.dumps(records())
     assert created["key"] not in text
     assert rotated["key"] not in text
 
 
 @pytest.mark.parametrize(("fail_closed", "kept"), [(True, ["root"]), (False, ["root", "ci"])])
 async def test_an_unwritable_audit_log_withdraws_a_new_key_when_it_fails_closed(
-        make_kernel: Any, fail_closed: bool, kept: list[str]) -> None:
-    audit = AuditLog()
-    kernel, admin = await audited_kernel(make_kernel, audit)
+        make_kernel: Any, tmp_path: Path, fail_closed: bool, kept: list[str]) -> None:
+    kernel, admin, _ = await audited_kernel(make_kernel, tmp_path / "audit", disk_full=True,
+                                            fail_closed=fail_closed)
     try:
-        audit.broken, audit.fail_closed = True, fail_closed
         creating = kernel.service("gateway").run(call("keys.create", {
             "name": "ci", "roles": ["user"]}, admin))
         if fail_closed:
