@@ -40,6 +40,16 @@ class Call:
     received: float = field(default_factory=time.perf_counter)
     #: Scratch space for middlewares (a cache key, a span, a rate-limit bucket).
     state: dict[str, Any] = field(default_factory=dict)
+    #: What the client is told about how the call was served (``{"cache": "hit"}``): HTTP
+    #: sends each as an ``X-Inferno-<Key>`` header, WebSocket and stdin as result fields.
+    meta: dict[str, str] = field(default_factory=dict)
+    #: When each step happened (``time.perf_counter()``): ``admitted``, ``<middleware>.start``
+    #: and ``.end``, ``queue.start``, ``queue.end``, ``load.start``, ``load.end``,
+    #: ``first_token``, ``done``; for metrics and traces.
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter()
 
     @property
     def model(self) -> str | None:

@@ -87,6 +87,7 @@ class Gateway:
             with as_api_errors():
                 if call.operation != "access":  # a check, no work: not held back by a drain
                     await stack.enter_async_context(self.kernel.admit())
+                call.mark("admitted")
                 reply = await self._chain(call)
         except BaseException:
             made = call.state.get("reply")  # a middleware failed after the stream was made:
@@ -142,41 +143,47 @@ class Gateway:
         request = GenerationRequest(request_id=call.id, prompt=plan.prompt, messages=messages,
                                     params=params)
         ticket = self.queues.enter(entry.name)
-        events = self._generate(entry.name, plan, request, ticket)
+        events = self._generate(entry.name, plan, request, ticket, call)
         reply = StreamReply(entry.name, events, kind=plan.kind)
         reply.on_close(ticket.release)  # also when it is closed before it started
         call.state["reply"] = reply
         return reply
 
     async def _generate(self, model: str, plan: GenerationPlan, request: GenerationRequest,
-                        ticket: Any) -> AsyncIterator[Delta | Final]:
+                        ticket: Any, call: Call) -> AsyncIterator[Delta | Final]:
         try:
             with as_api_errors():
-                async with aclosing(self._events(model, plan, request, ticket)) as events:
+                async with aclosing(self._events(model, plan, request, ticket, call)) as events:
                     async for event in events:
                         yield event
         finally:
             ticket.release()
 
     async def _events(self, model: str, plan: GenerationPlan, request: GenerationRequest,
-                      ticket: Any) -> AsyncIterator[Delta | Final]:
+                      ticket: Any, call: Call) -> AsyncIterator[Delta | Final]:
         async with AsyncExitStack() as stack:
+            call.mark("queue.start")
             waited = await stack.enter_async_context(ticket.turn())
+            call.mark("queue.end")
             loading = time.perf_counter()
+            call.marks["load.start"] = loading
             loaded = await stack.enter_async_context(
                 self.models.use(model, keep_alive=plan.keep_alive))
-            load_seconds = time.perf_counter() - loading
+            call.mark("load.end")
+            load_seconds = call.marks["load.end"] - loading
             tools = plan.tools if plan.tools is not None and plan.tools.active else None
             parts: list[str] = []
             generation = loaded.generate(request)
             stack.push_async_callback(generation.aclose)
             async for chunk in generation:
                 if chunk.text:
+                    call.marks.setdefault("first_token", time.perf_counter())
                     if tools is not None:
                         parts.append(chunk.text)  # a tool answer is one JSON value
                     else:
                         yield Delta(chunk.text, chunk.tokens)
                 if chunk.finish_reason is not None:
+                    call.mark("done")
                     usage = {**(chunk.usage or {}), "queue_seconds": round(waited, 6),
                              "load_seconds": round(load_seconds, 6)}
                     reason = chunk.finish_reason
@@ -201,6 +208,7 @@ class Gateway:
                            param="model", code="model_unavailable")
         call.state["plan"] = plan
         done = await self.batcher.embed(entry.name, plan.inputs, plan.keep_alive)
+        call.mark("done")
         vectors, waited = done.vectors, done.waited
         tokens = done.tokens
         if tokens is None:
@@ -294,8 +302,14 @@ class Gateway:
 
 
 def _wrap(middleware: Middleware, handler: Handler) -> Handler:
+    label = getattr(middleware, "name", type(middleware).__name__)
+
     async def wrapped(call: Call) -> Any:
-        return await middleware(call, handler)
+        call.mark(f"{label}.start")
+        try:
+            return await middleware(call, handler)
+        finally:
+            call.mark(f"{label}.end")
     return wrapped
 
 

@@ -170,9 +170,12 @@ def build_app(server: Server, kernel: Any) -> web.Application:
     from . import inferno_api, ollama_api, openai_api, openapi
 
     max_body = parse_amount(server.config["max_body_size"])
+    extra = [m for found in kernel.hook.inferno_http_middlewares(kernel=kernel)
+             for m in (found or ())]
     app = web.Application(client_max_size=max_body,
-                          middlewares=[envelope_middleware(server), origin_middleware(server),
-                                       guard_middleware(server), limit_middleware(server)])
+                          middlewares=[envelope_middleware(server), *extra,
+                                       origin_middleware(server), guard_middleware(server),
+                                       limit_middleware(server)])
     app[MAX_BODY_SIZE] = max_body
     app[READ_TIMEOUT] = float(server.config["read_timeout"])
     app[SERVER] = server

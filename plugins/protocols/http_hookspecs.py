@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -23,6 +23,17 @@ def inferno_http_routes(kernel: KernelHandle) -> Sequence[web.AbstractRouteDef] 
     Inferno's HTTP server beside its own routes: the WebSocket endpoint, metrics, a
     dashboard. They get the server's request ids, CORS, body limit and error envelope.
     A route that serves models should go through ``kernel.service("gateway")``.
+    """
+
+
+@hookspec
+def inferno_http_middlewares(kernel: KernelHandle) -> Sequence[Any] | None:
+    """Called once when the HTTP server starts, before it listens.
+
+    Return aiohttp middlewares (``@web.middleware``) to run on every request, inside the
+    server's request id and error envelope and before the permission guard: they see the
+    matched route (``request.match_info.route``) and the final status, for metrics by route
+    and traces. They must not answer requests themselves.
     """
 
 

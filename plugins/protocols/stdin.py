@@ -263,12 +263,13 @@ class StdinProtocol(Protocol):
                 if ident is None:
                     self._answer(number, await _as_text(reply))
                 elif not isinstance(reply, StreamReply):
-                    self.output.write(_encode(_embeddings(ident, reply)))
+                    self.output.write(_encode({**_embeddings(ident, reply), **call.meta}))
                 elif body.get("stream") is True:
-                    await self._stream(ident, reply)
+                    await self._stream(ident, reply, call.meta)
                 else:
                     text, final = await reply.collect()
-                    self.output.write(_encode(_done(ident, reply.model, final, text)))
+                    self.output.write(_encode({**_done(ident, reply.model, final, text),
+                                               **call.meta}))
         except asyncio.CancelledError:
             if self.cut_off:
                 self._failed(number, ident, ApiError(
@@ -286,10 +287,10 @@ class StdinProtocol(Protocol):
             if ident is not None:
                 self.slots.release()
 
-    async def _stream(self, ident: Any, reply: StreamReply) -> None:
+    async def _stream(self, ident: Any, reply: StreamReply, meta: dict[str, str]) -> None:
         async for event in reply:
             if isinstance(event, Final):
-                self.output.write(_encode(_done(ident, reply.model, event)))
+                self.output.write(_encode({**_done(ident, reply.model, event), **meta}))
             elif event.text:
                 self.output.write(_encode({"id": ident, "type": "delta", "delta": event.text}))
                 await self.output.drain()  # a long stream waits for a slow reader too

@@ -40,15 +40,19 @@ class Server:
 
     def call(self, request: web.Request, operation: str, body: Mapping[str, Any],
              protocol: str = "http") -> Call:
-        return Call(operation=operation, body=body, protocol=protocol,
+        made = Call(operation=operation, body=body, protocol=protocol,
                     id=request[REQUEST_ID], credentials=credentials(request),
                     principal=request.get(PRINCIPAL))
+        request.setdefault(CALLS, []).append(made)
+        return made
 
 
 #: What the application holds for its routes.
 MAX_BODY_SIZE = web.AppKey("max_body_size", int)
 READ_TIMEOUT = web.AppKey("read_timeout", float)
 SERVER = web.AppKey("server", Server)
+#: The gateway calls a request made (their ``meta`` becomes ``X-Inferno-*`` headers).
+CALLS = web.RequestKey("calls", list)
 #: Who the guard found the caller to be (``None`` on public routes).
 PRINCIPAL = web.RequestKey("principal", Principal)
 #: The request's id (``X-Request-ID``), set before any route runs.
@@ -161,6 +165,7 @@ def envelope_middleware(server: Server) -> Any:
                 return error_response(error, request[REQUEST_ID], request.path)
             if not response.prepared:
                 response.headers["X-Request-ID"] = request[REQUEST_ID]
+                response.headers.update(meta_headers(request))
             return response
 
     return middleware
@@ -278,6 +283,15 @@ async def read_json(request: web.Request) -> Any:
     return loads(text, "the request body")
 
 
+def meta_headers(request: web.BaseRequest) -> dict[str, str]:
+    """``X-Inferno-<Key>`` headers from what the request's calls were told (``Call.meta``)."""
+    headers: dict[str, str] = {}
+    for call in request.get(CALLS, ()):
+        for key, value in call.meta.items():
+            headers[f"X-Inferno-{key.replace('_', '-').title()}"] = str(value)
+    return headers
+
+
 def json_response(value: Any, status: int = 200) -> web.Response:
     return web.json_response(value, status=status, dumps=_dumps)
 
@@ -300,7 +314,8 @@ async def stream_reply(request: web.Request, reply: StreamReply, frames: Callabl
     starting = asyncio.ensure_future(reply.start())
     response = web.StreamResponse(headers={
         "Content-Type": content_type, "Cache-Control": "no-cache",
-        "X-Request-ID": request[REQUEST_ID], "X-Accel-Buffering": "no"})
+        "X-Request-ID": request[REQUEST_ID], "X-Accel-Buffering": "no",
+        **meta_headers(request)})
     try:
         done, _ = await asyncio.wait({starting}, timeout=interval)
         if not done:

@@ -51,6 +51,8 @@ class InFlight:
     cancelled: bool = False
     #: Whether the task began; one cancelled before it began never runs its body.
     started: bool = False
+    #: What the gateway told the client about the call (``{"cache": "hit"}``): in ``done``.
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Connection:
@@ -122,6 +124,7 @@ class Connection:
     async def answer(self, request: InFlight, operation: str, body: dict[str, Any]) -> None:
         request.started = True
         call = Call(operation, body, protocol="websocket", credentials=self.credentials)
+        request.meta = call.meta
         with request_context(call.id, protocol="websocket", message_id=request.id):
             try:
                 reply = await self.protocol.gateway.run(call)
@@ -130,7 +133,7 @@ class Connection:
                 else:
                     self._finish(request)
                     await self.send({"type": "done", "id": request.id, "model": reply.model,
-                                     **_value_frame(reply.value)})
+                                     **_value_frame(reply.value), **request.meta})
             except asyncio.CancelledError:
                 if not request.cancelled:
                     raise
@@ -164,7 +167,8 @@ class Connection:
         final = reply.final
         assert final is not None, "a generation always ends with a Final event"
         frame: dict[str, Any] = {"type": "done", "id": request.id, "model": reply.model,
-                                 "finish_reason": final.finish_reason, "usage": dict(final.usage)}
+                                 "finish_reason": final.finish_reason, "usage": dict(final.usage),
+                                 **request.meta}
         if not stream:
             frame["content"] = "".join(parts)
         if final.tool_calls:

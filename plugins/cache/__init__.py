@@ -1,0 +1,2 @@
+"""The response cache: tiers in profile order behind one gateway middleware
+(hook plugin ``cache``)."""

@@ -1,0 +1,1 @@
+"""Schedulers (entry-point group ``inferno.schedulers``): ``apscheduler``."""
