@@ -217,7 +217,9 @@ class Gateway:
         if dimensions is not None and vectors and dimensions != len(vectors[0]):
             raise invalid(f"dimensions {dimensions} is not this model's: {entry.name!r} makes "
                           f"{len(vectors[0])}-dimensional embeddings", "dimensions")
-        return ValueReply(_embedding_result(vectors, plan, tokens, waited), model=entry.name)
+        result = _embedding_result(vectors, plan, tokens, waited)
+        call.state["usage"] = result.get("usage")
+        return ValueReply(result, model=entry.name)
 
     # ------------------------------------------------------------------ models and status
 

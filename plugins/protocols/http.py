@@ -25,6 +25,7 @@ from inferno.kernel.resources import parse_amount
 
 from . import http_hookspecs
 from .web import (
+    CALLS,
     MAX_BODY_SIZE,
     READ_TIMEOUT,
     SERVER,
@@ -237,6 +238,20 @@ def _quiet_parser_errors() -> None:
         server_log.addFilter(_NoRequestText())
 
 
+def _tokens(call: Any) -> int:
+    """Prompt plus completion tokens of a call, when its reply reported them."""
+    reply = call.state.get("reply")
+    usage = reply.final.usage if reply is not None and reply.final is not None \
+        else call.state.get("usage")
+    if not isinstance(usage, Mapping):
+        return 0
+    total = usage.get("total_tokens")
+    if isinstance(total, int):
+        return total
+    return sum(v for k in ("prompt_tokens", "completion_tokens")
+               if isinstance(v := usage.get(k), int))
+
+
 class AccessLogger(AbstractAccessLogger):
     """One structured line per request, with its id and duration."""
 
@@ -244,9 +259,19 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         # aiohttp calls this after the request's log context ended: the id is passed again
-        self._log.info("access", method=request.method, path=request.path_qs,
+        fields: dict[str, Any] = {}
+        models, tokens = set(), 0
+        for call in request.get(CALLS, ()):
+            if call.model:
+                models.add(call.model)
+            tokens += _tokens(call)
+        if models:
+            fields["model"] = ",".join(sorted(models))
+        if tokens:
+            fields["tokens"] = tokens
+        self._log.info("access", method=request.method, path=request.path,
                        status=response.status, ms=round(time * 1000, 2), peer=request.remote,
-                       request_id=response.headers.get("X-Request-ID"))
+                       request_id=response.headers.get("X-Request-ID"), **fields)
 
     @property
     def enabled(self) -> bool:
