@@ -57,7 +57,16 @@ def validate(settings: Settings, specs: Mapping[str, ConfigSpec],
 
 def is_secret(path: str, declared: frozenset[str] | set[str] = frozenset()) -> bool:
     """Whether the value at ``path`` must never be shown: declared, or secret by its name."""
-    return path in declared or bool(SECRET_KEY.search(path.rpartition(".")[2]))
+    return path in declared or any(_covers(d, path) for d in declared) \
+        or bool(SECRET_KEY.search(path.rpartition(".")[2]))
+
+
+def _covers(pattern: str, path: str) -> bool:
+    """A declared secret covers every key below it, and its parts may be ``*``
+    (``notifiers.*.headers`` covers each notifier's headers)."""
+    want, parts = pattern.split("."), path.split(".")
+    return len(parts) >= len(want) and all(w in ("*", p) for w, p in zip(want, parts,
+                                                                         strict=False))
 
 
 def _redacted(settings: Settings, problem: ConfigProblem, declared: set[str]) -> ConfigProblem:

@@ -358,3 +358,15 @@ def test_a_hook_plugin_may_not_take_a_kernel_or_driver_section(make_kernel, monk
     monkeypatch.setattr(Vault, "section", "backends")
     with pytest.raises(ConfigError, match=r"ConfigSpec\.section 'backends' is not a free"):
         make_kernel(plugins={"vault": Vault})
+
+
+def test_a_declared_secret_covers_the_keys_below_it_and_may_use_wildcards():
+    from inferno.kernel.config import masked
+
+    tree = {"alerts": {"notifiers": {"ops": {"url": "https://hook/t0k3n", "timeout": 5,
+                                             "headers": {"Authorization": "Bearer x1"}}}}}
+    shown = masked(tree, frozenset({"alerts.notifiers.*.url", "alerts.notifiers.*.headers"}))
+    ops = shown["alerts"]["notifiers"]["ops"]
+    assert ops["url"] == "********"
+    assert ops["headers"]["Authorization"] == "********"
+    assert ops["timeout"] == 5
