@@ -296,8 +296,10 @@ def _options(body: Mapping[str, Any]) -> dict[str, Any]:
         raise invalid("stream_options.include_usage must be true or false",
                       "stream_options.include_usage")
     cache = body.get("cache", True)
-    if not isinstance(cache, bool):
-        raise invalid(f"cache must be true or false, got {_kind(cache)}", "cache")
+    if not (isinstance(cache, bool) or cache in ("no-store", "refresh")):
+        raise invalid(f"cache must be true, false, 'no-store' or 'refresh', got "
+                      f"{_kind(cache)}", "cache")
+    cache = cache is True or cache == "refresh"
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f"user must be a string, got {_kind(user)}", "user")

@@ -89,7 +89,9 @@ _SAMPLING: Schema = {
     "stream_options": nullable(obj({"include_usage": BOOLEAN})),
     "response_format": ref("ResponseFormat"),
     "keep_alive": KEEP_ALIVE,
-    "cache": {"type": "boolean", "description": "Inferno extension: use the response cache"},
+    "cache": {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["no-store", "refresh"]}],
+              "description": "Inferno extension: use the response cache (false or no-store: "
+                             "bypass it; refresh: run the model and store the new answer)"},
     "user": STRING,
     "model": MODEL_NAME,
 }
@@ -154,7 +156,8 @@ OPENAI_REQUESTS: dict[str, Schema] = {
         "encoding_format": {"enum": ["float", "base64"]},
         "dimensions": {"type": "integer", "minimum": 1,
                        "description": "Must equal the model's own"},
-        "user": STRING, "keep_alive": KEEP_ALIVE, "cache": BOOLEAN,
+        "user": STRING, "keep_alive": KEEP_ALIVE,
+        "cache": {"oneOf": [BOOLEAN, {"type": "string", "enum": ["no-store", "refresh"]}]},
     }, ("model", "input"), closed=True),
 }
 
