@@ -97,9 +97,11 @@ def inferno_gateway_operations(kernel: KernelHandle) -> Mapping[str, tuple[Opera
 
 @hookimpl
 def inferno_http_routes(kernel: KernelHandle) -> list[web.RouteDef]:
+    """``/api/v1/cache``, when the profile names a cache tier (else there is nothing to
+    show or clear)."""
     from .api import routes
 
-    return routes(kernel)
+    return routes(kernel) if kernel.drivers("cache") else []
 
 
 @hookimpl

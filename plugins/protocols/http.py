@@ -264,6 +264,8 @@ class AccessLogger(AbstractAccessLogger):
         for call in request.get(CALLS, ()):
             if call.model:
                 models.add(call.model)
+            if "trace_id" in call.state:
+                fields.setdefault("trace_id", call.state["trace_id"])
             tokens += _tokens(call)
         if models:
             fields["model"] = ",".join(sorted(models))
