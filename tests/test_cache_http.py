@@ -106,9 +106,23 @@ async def test_a_plain_request_hits_what_a_stream_stored(server):
     assert json.loads(raw)["choices"][0]["message"]["content"] == "".join(made)
 
 
+async def model_runs(server: ServerThread) -> float:
+    """``inferno_model_runs_total`` of the tiny model's chats, as /metrics says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, \
+            session.get(server.url + "/metrics") as response:
+        text = await response.text()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "inferno_model_runs_total"
+               and sample.labels == {"model": "tiny", "operation": "chat"})
+
+
 async def test_twenty_identical_requests_at_once_run_the_model_once(server):
     cache = server.service("cache")
     before = dict(cache.outcomes)
+    runs_before = await model_runs(server)
     url = server.url + "/v1/chat/completions"
     body = {**CHAT, "messages": [{"role": "user", "content": "twenty at once"}]}
     answers = await asyncio.gather(*(post(url, body) for _ in range(20)))
@@ -117,6 +131,7 @@ async def test_twenty_identical_requests_at_once_run_the_model_once(server):
     texts = {json.loads(raw)["choices"][0]["message"]["content"] for _, raw, _ in answers}
     assert len(texts) == 1
     assert cache.outcomes["miss"] - before["miss"] == 1
+    assert await model_runs(server) - runs_before == 1  # counted through the metrics too
 
 
 async def test_websocket_results_say_whether_they_were_cached(server):
@@ -163,6 +178,8 @@ async def test_the_stats_route_shows_each_tier_in_lookup_order(server):
 async def test_clearing_a_model_by_route_makes_its_next_request_a_miss(server):
     url = server.url + "/v1/embeddings"
     await post(url, {**EMBED, "input": "cleared"})
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(  # answers go out before
+        server.service("cache").settled(), server.loop))  # their writes land in the tiers
     status, body = await get_json("DELETE", server.url + "/api/v1/cache?model=all-minilm-l6-v2")
     assert (status, body["model"]) == (200, "minilm")
     assert body["removed"]["memory"] > 0
@@ -199,3 +216,21 @@ def test_the_cache_commands_read_and_clear_the_disk_tier_a_server_shares(tmp_pat
         _, _, headers = shared.run(post(shared.url + "/v1/embeddings", {**EMBED,
                                                                          "input": "one"}))
         assert headers["X-Inferno-Cache"] == "miss"
+
+
+async def test_a_profile_can_schedule_the_warm_up(tmp_path: Path) -> None:
+    sets = ["cache.memory.max_entries=100", 'plugins.cache.warmup={minilm=[{input="warm me"}]}',
+            'schedulers.apscheduler.jobs.warm={action="cache.warmup", trigger="interval", '
+            "seconds=0.3}"]
+    with ServerThread("edge", tmp_path / "data", sets=sets) as server:
+        scheduler = server.service("scheduler")
+        for _ in range(200):
+            runs = sum(row.get("runs", 0) for job, row in scheduler.stats().items()
+                       if "warm" in job)
+            if runs >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert runs >= 2
+        _, _, headers = await post(server.url + "/v1/embeddings",
+                                   {"model": "minilm", "input": "warm me"})
+    assert headers["X-Inferno-Cache"] == "hit"

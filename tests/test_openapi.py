@@ -169,7 +169,11 @@ schema = schemathesis.openapi.from_dict(FUZZED, config=schemathesis.Config.from_
 
 
 def test_the_fuzzed_document_is_the_one_the_server_serves(fuzz_server: ServerThread) -> None:
-    assert document_of(fuzz_server.url) == json.loads(json.dumps(FUZZED))
+    served = document_of(fuzz_server.url)
+    for path, methods in list(served["paths"].items()):  # plugins' routes (/metrics)
+        if all("x-inferno-undescribed" in op for op in methods.values()):
+            del served["paths"][path]
+    assert served == json.loads(json.dumps(FUZZED))
 
 
 @schema.parametrize()

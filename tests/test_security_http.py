@@ -72,7 +72,11 @@ async def call(method: str, url: str, key: str | None = None, *, header: str = "
             else {"X-API-Key": key}
     async with aiohttp.ClientSession() as session, \
             session.request(method, url, headers=headers, json=body) as response:
-        return response.status, await response.json(content_type=None)
+        text = await response.text()
+        try:
+            return response.status, json.loads(text)
+        except ValueError:
+            return response.status, text  # /metrics answers in Prometheus' text format
 
 
 def needs(route: Any, gateway: Any) -> set[str]:

@@ -51,6 +51,17 @@ class Traced:
         return self.server.url
 
     def finished(self) -> list[ReadableSpan]:
+        """The spans ended so far, once no more arrive: the server ends a request's span
+        after the client has its last byte."""
+        import time
+
+        seen, deadline = -1, time.monotonic() + 10
+        while time.monotonic() < deadline:
+            count = len(self.spans.get_finished_spans())
+            if count == seen and count:
+                break
+            seen = count
+            time.sleep(0.15)
         spans = list(self.spans.get_finished_spans())
         self.spans.clear()
         return spans

@@ -56,6 +56,21 @@ def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
 
     gateway_hookspecs.add_to(plugin_manager)
     http_hookspecs.add_to(plugin_manager)
+    from inferno.plugins.schedulers import hookspecs as scheduler_hookspecs
+
+    scheduler_hookspecs.add_to(plugin_manager)
+
+
+@hookimpl
+def inferno_scheduler_actions(kernel: KernelHandle) -> Mapping[str, Any]:
+    """``cache.warmup``: run the warm-up requests again, for a profile that schedules it
+    (``[schedulers.apscheduler.jobs.warm] action = "cache.warmup"``), say after a model
+    update or a clear."""
+
+    async def warmup() -> None:
+        await _warm_up(kernel, kernel.plugin_config(NAME)["warmup"])
+
+    return {"cache.warmup": warmup}
 
 
 @hookimpl

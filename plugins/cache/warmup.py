@@ -48,7 +48,8 @@ def problems(table: Any) -> list[tuple[str, str]]:
         return [("", "must be a table of model = [prompts or request tables]")]
     found = []
     for model, items in table.items():
-        if not isinstance(items, list) or not all(isinstance(i, str | Mapping) for i in items):
+        if not isinstance(items, list | tuple) \
+                or not all(isinstance(i, str | Mapping) for i in items):
             found.append((str(model), "must be a list of prompts or request tables"))
             continue
         for index, item in enumerate(items):
