@@ -366,3 +366,34 @@ async def test_a_stream_a_middleware_drops_gives_its_queue_place_back(make_kerne
             await gateway.run(Call("completion", {"model": "gemma-3-270m", "prompt": "a"}))
         assert gateway.queues.stats()["gemma-3-270m"]["running"] == 0
         assert kernel.inflight == 0
+
+
+async def test_a_stream_remembers_the_error_that_ended_it() -> None:
+    from inferno.plugins.gateway.calls import Delta, StreamReply
+    from inferno.plugins.gateway.errors import ApiError
+
+    async def failing() -> Any:
+        yield Delta("one", 1)
+        raise ApiError(503, "the backend went away", code="backend_failed")
+
+    reply = StreamReply("m", failing())
+    seen: list[Any] = []
+
+    async def read() -> None:
+        async for event in reply:
+            seen.append(event)
+
+    with pytest.raises(ApiError):
+        await read()
+    assert [e.text for e in seen] == ["one"]
+    assert isinstance(reply.error, ApiError)
+    assert reply.error.code == "backend_failed"
+
+    async def refused() -> Any:
+        raise ApiError(400, "prompt too long", code="context_length_exceeded")
+        yield  # pragma: no cover - makes this a generator
+
+    early = StreamReply("m", refused())
+    with pytest.raises(ApiError):
+        await early.start()
+    assert early.error is not None

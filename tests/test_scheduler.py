@@ -157,7 +157,7 @@ async def test_a_job_naming_an_action_no_plugin_offers_stops_the_start(make_kern
         "warm_cache": {"action": "cache.wram", "seconds": 60}}),
         plugins={"warmer": job_plugin(actions={"cache.warm": Counter()})})
     with pytest.raises(PluginError, match=r"jobs\.warm_cache\.action: no plugin offers the "
-                                          r"action 'cache.wram' \(offered: cache.warm\)"):
+                                          r"action 'cache.wram' \(offered: [^)]*cache.warm\b"):
         await kernel.start()
 
 

@@ -82,7 +82,8 @@ class WebhookNotifier:
                 await asyncio.sleep(delay)
             try:
                 async with self._session.post(self._url, json=dict(alert),
-                                              headers=self._headers) as response:
+                                              headers=self._headers,
+                                              allow_redirects=False) as response:
                     if response.status < 300:
                         log.info("alert sent", notifier=self.name, alert=alert["alert"],
                                  status=alert["status"], attempts=attempt + 1)

@@ -87,8 +87,8 @@ class CacheMiddleware:
             return await self._bypass(call, handler)
         try:
             identity = await self.identities.of(entry)
-        except OSError as exc:  # a file that cannot be read: the gateway reports it
-            self.log.warning("model file unreadable: not cached", model=entry.name,
+        except Exception as exc:  # unreadable, or changed while hashed: the gateway reports
+            self.log.warning("model file not hashed: not cached", model=entry.name,
                              error=str(exc))
             return await self._bypass(call, handler)
         key = make_key(entry.name, {"model": identity, "operation": call.operation,

@@ -92,7 +92,7 @@ class TracingMiddleware:
             self.finish(span, call, clock, None, exc)
             raise
         if isinstance(reply, StreamReply):
-            reply.on_close(lambda: self.finish(span, call, clock, reply, None))
+            reply.on_close(lambda: self.finish(span, call, clock, reply, reply.error))
         else:
             self.finish(span, call, clock, reply, None)
         return reply

@@ -29,6 +29,10 @@ TRACE_ID = web.RequestKey("trace_id", str)
 #: What a client that went away is recorded as (nginx's convention; no response was sent).
 CLIENT_CLOSED = 499
 
+#: Methods named as they are; any other is ``_OTHER`` (a client picks the token).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+                     "TRACE"})
+
 
 def trace_id_of(span: trace.Span) -> str | None:
     """The span's trace id as logs and trace back ends show it, if the span is recorded."""
@@ -50,9 +54,10 @@ def http_middleware(driver: OtelExporter) -> Any:
             return await handler(request)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else ""
-        name = f"{request.method} {route}" if route else request.method
+        method = request.method if request.method in METHODS else "_OTHER"
+        name = f"{method} {route}" if route else method
         # the route template, never the path: a path is what the caller typed
-        attributes: dict[str, Any] = {"http.request.method": request.method,
+        attributes: dict[str, Any] = {"http.request.method": method,
                                       "url.scheme": request.scheme}
         if route:
             attributes["http.route"] = route

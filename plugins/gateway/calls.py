@@ -121,6 +121,9 @@ class StreamReply:
         self.final: Final | None = None
         #: Tokens of the deltas handed out so far (what a reply closed early has cost).
         self.streamed_tokens = 0
+        #: The error that ended the stream early, if one did (a queue timeout, a backend
+        #: failure): metrics and traces read it when the reply closes.
+        self.error: Exception | None = None
 
     def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
         """Run ``callback`` once the reply is done with: iterated to the end, or closed
@@ -130,15 +133,23 @@ class StreamReply:
     async def start(self) -> None:
         if not self._started:
             self._started = True
-            self._first = await anext(self._events, None)
+            try:
+                self._first = await anext(self._events, None)
+            except Exception as exc:
+                self.error = exc
+                raise
 
     async def __aiter__(self) -> AsyncIterator[Delta | Final]:
-        await self.start()
-        if self._first is not None:
-            first, self._first = self._first, None
-            yield self._remember(first)
-        async for event in self._events:
-            yield self._remember(event)
+        try:
+            await self.start()
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield self._remember(first)
+            async for event in self._events:
+                yield self._remember(event)
+        except Exception as exc:  # noted for whoever reports the call when it closes
+            self.error = exc
+            raise
         await self._closed()
 
     def _remember(self, event: Delta | Final) -> Delta | Final:

@@ -34,7 +34,7 @@ def inferno_scheduler_actions(kernel: KernelHandle) -> Mapping[str, Action] | No
     """Called once when the scheduler starts, before the profile's jobs are scheduled.
 
     Return ``{name: coroutine function}``: work a profile may schedule by name under
-    ``[schedulers.apscheduler.jobs]`` (``action = "cache.warm"``). Names are unique across
+    ``[schedulers.apscheduler.jobs]`` (``action = "cache.warmup"``). Names are unique across
     plugins; prefix them with the plugin's name.
     """
 

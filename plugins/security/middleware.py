@@ -22,7 +22,7 @@ from .roles import Roles, allowed_models
 AUDITED_PERMISSIONS = frozenset({"models:manage", "cache:manage", "batch:submit", "admin"})
 #: Operations whose body names a model the caller must be allowed to use.
 MODEL_OPERATIONS = frozenset({"chat", "completion", "embeddings", "models.get", "models.load",
-                              "models.unload", "models.rollback"})
+                              "models.unload", "models.rollback", "cache.clear"})
 #: Operations whose ``keep_alive`` sets how long a model stays loaded (0 unloads it, -1 pins
 #: it): managing models, not using them.
 KEEP_ALIVE_OPERATIONS = frozenset({"chat", "completion", "embeddings"})
