@@ -177,9 +177,7 @@ async def test_the_stats_route_shows_each_tier_in_lookup_order(server):
 
 async def test_clearing_a_model_by_route_makes_its_next_request_a_miss(server):
     url = server.url + "/v1/embeddings"
-    await post(url, {**EMBED, "input": "cleared"})
-    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(  # answers go out before
-        server.service("cache").settled(), server.loop))  # their writes land in the tiers
+    await post(url, {**EMBED, "input": "cleared"})  # its write may still be on its way:
     status, body = await get_json("DELETE", server.url + "/api/v1/cache?model=all-minilm-l6-v2")
     assert (status, body["model"]) == (200, "minilm")
     assert body["removed"]["memory"] > 0

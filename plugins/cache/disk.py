@@ -63,6 +63,9 @@ class DiskTier(CacheTier):
         self.level = int(self.config.get("zstd_level", DEFAULTS["zstd_level"]))
         self.counters = Counters()
         self._cache: Any = None
+        #: The database's figures as last read (hits, misses, bytes, entries): read off the
+        #: event loop by ``refresh_stats``, so that a scrape never waits on SQLite.
+        self._figures = (0, 0, 0, 0)
 
     @property
     def directory(self) -> Path:
@@ -82,7 +85,8 @@ class DiskTier(CacheTier):
             eviction_policy=str(self.config.get("eviction_policy",
                                                 DEFAULTS["eviction_policy"])),
             tag_index=True, statistics=True)
-        self.log.info("disk cache", directory=str(directory), entries=len(self._cache))
+        await self.refresh_stats()
+        self.log.info("disk cache", directory=str(directory), entries=self._figures[3])
 
     async def stop(self) -> None:
         if self._cache is not None:
@@ -110,10 +114,20 @@ class DiskTier(CacheTier):
         return int(await asyncio.to_thread(self._cache.evict, model, True))
 
     def stats(self) -> Mapping[str, int]:
-        """Two short reads of the database's own counters (no scan of the entries)."""
-        hits, misses = self._cache.stats()
+        """The figures ``refresh_stats`` last read (it runs before every stats answer)."""
+        hits, misses, size, entries = self._figures
         counters = Counters(hits=hits, misses=misses, evictions=self.counters.evictions)
-        return counters.snapshot(self._cache.volume(), len(self._cache))
+        return counters.snapshot(size, entries)
+
+    async def refresh_stats(self) -> None:
+        """Read the database's own counters (no scan of the entries) in a worker thread: with
+        several processes on one directory, SQLite may make a reader wait for a writer."""
+        def read() -> tuple[int, int, int, int]:
+            hits, misses = self._cache.stats()
+            return int(hits), int(misses), int(self._cache.volume()), len(self._cache)
+
+        if self._cache is not None:
+            self._figures = await asyncio.to_thread(read)
 
     # ------------------------------------------------------------------ in a worker thread
 

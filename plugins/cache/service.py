@@ -162,6 +162,7 @@ class ResponseCache:
         if tier is not None and tier not in tiers:
             raise LookupError(f"no cache tier named {tier!r}; the tiers are "
                               f"{', '.join(tiers) or 'none'}")
+        await self.settled()  # an answer still on its way to the tiers would outlive the clear
         removed: dict[str, int] = {}
         for name, driver in tiers.items():
             if tier is not None and name != tier:

@@ -137,6 +137,15 @@ class PrometheusExporter(Exporter):
         for subscription in self._subscriptions:
             subscription.cancel()
 
+    async def refresh(self) -> None:
+        """Have the cache tiers read their figures off the event loop before a scrape (the
+        disk tier's SQLite counters, the Redis tier's SCAN)."""
+        try:
+            cache = self.context.kernel.service("cache")
+        except LookupError:
+            return
+        await cache.fresh_stats()
+
     def exposition(self, accept: str = "") -> web.Response:
         """The registry in the format ``accept`` asks for (OpenMetrics or Prometheus text)."""
         encoder, content_type = choose_encoder(accept)
@@ -150,6 +159,7 @@ class PrometheusExporter(Exporter):
         @requires(PERMISSION)
         async def metrics(request: web.Request) -> web.Response:
             """Prometheus metrics (text exposition format)."""
+            await self.refresh()
             return self.exposition(request.headers.get("Accept", ""))
 
         return metrics
@@ -194,6 +204,7 @@ class PrometheusExporter(Exporter):
                                    permission=PERMISSION))
         except ApiError as exc:
             return error_response(exc)
+        await self.refresh()
         return self.exposition(request.headers.get("Accept", ""))
 
     @property
