@@ -21,13 +21,7 @@ from inferno.plugins.gateway.bodies import require_object
 from inferno.plugins.gateway.calls import Call, Operation, ValueReply
 from inferno.plugins.gateway.errors import ApiError, invalid
 from inferno.plugins.gateway.permissions import runs
-from inferno.plugins.protocols.web import (
-    PRINCIPAL,
-    REQUEST_ID,
-    credentials,
-    json_response,
-    read_json,
-)
+from inferno.plugins.protocols.web import json_response, read_json, run_operation
 from inferno.plugins.security.roles import ADMIN, Roles, allowed_models
 
 from .keystore import (
@@ -310,10 +304,7 @@ def routes(kernel: KernelHandle) -> list[web.RouteDef]:
     """``/api/v1/keys``: list, create, revoke and rotate through the gateway."""
 
     async def run(request: web.Request, operation: str, body: Mapping[str, Any]) -> Any:
-        call = Call(operation, body, protocol="http", id=request[REQUEST_ID],
-                    credentials=credentials(request), principal=request.get(PRINCIPAL))
-        reply = await kernel.service("gateway").run(call)
-        return reply.value
+        return await run_operation(kernel, request, operation, body)
 
     @runs("keys.list")
     async def list_keys(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from inferno.plugins.gateway.bodies import require_object
 from inferno.plugins.gateway.calls import Call, Operation, ValueReply
 from inferno.plugins.gateway.errors import ApiError, invalid
 from inferno.plugins.gateway.permissions import runs
-from inferno.plugins.protocols.web import PRINCIPAL, REQUEST_ID, credentials, json_response
+from inferno.plugins.protocols.web import json_response, run_operation
 
 PERMISSION = "cache:manage"
 CLEAR_FIELDS = frozenset({"tier", "model"})
@@ -62,10 +62,7 @@ def operations(kernel: KernelHandle) -> dict[str, tuple[Operation, str]]:
 
 def routes(kernel: KernelHandle) -> list[web.RouteDef]:
     async def run(request: web.Request, operation: str, body: Mapping[str, Any]) -> Any:
-        call = Call(operation, body, protocol="http", id=request[REQUEST_ID],
-                    credentials=credentials(request), principal=request.get(PRINCIPAL))
-        reply = await kernel.service("gateway").run(call)
-        return reply.value
+        return await run_operation(kernel, request, operation, body)
 
     @runs("cache.stats")
     async def cache_stats(request: web.Request) -> web.Response:

@@ -40,11 +40,7 @@ class Server:
 
     def call(self, request: web.Request, operation: str, body: Mapping[str, Any],
              protocol: str = "http") -> Call:
-        made = Call(operation=operation, body=body, protocol=protocol,
-                    id=request[REQUEST_ID], credentials=credentials(request),
-                    principal=request.get(PRINCIPAL))
-        request.setdefault(CALLS, []).append(made)
-        return made
+        return request_call(request, operation, body, protocol)
 
 
 #: What the application holds for its routes.
@@ -57,6 +53,25 @@ CALLS = web.RequestKey("calls", list)
 PRINCIPAL = web.RequestKey("principal", Principal)
 #: The request's id (``X-Request-ID``), set before any route runs.
 REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def request_call(request: web.Request, operation: str, body: Mapping[str, Any],
+                 protocol: str = "http") -> Call:
+    """The gateway call a route makes for ``request``: its id, credentials and the principal
+    the guard found; remembered on the request for its ``X-Inferno-*`` headers and the
+    access log."""
+    made = Call(operation=operation, body=body, protocol=protocol, id=request[REQUEST_ID],
+                credentials=credentials(request), principal=request.get(PRINCIPAL))
+    request.setdefault(CALLS, []).append(made)
+    return made
+
+
+async def run_operation(kernel: Any, request: web.Request, operation: str,
+                        body: Mapping[str, Any]) -> Any:
+    """The value of ``operation`` run through the gateway for ``request`` (for the routes
+    plugins add with ``inferno_http_routes``)."""
+    reply = await kernel.service("gateway").run(request_call(request, operation, body))
+    return reply.value
 
 
 def credentials(request: web.Request) -> Credentials:
