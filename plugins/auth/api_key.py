@@ -54,11 +54,9 @@ class ApiKeyAuth(AuthProvider):
     @staticmethod
     @hookimpl
     def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-        from inferno.plugins.gateway import hookspecs as gateway_hookspecs
         from inferno.plugins.protocols import http_hookspecs
 
-        http_hookspecs.add_to(plugin_manager)
-        gateway_hookspecs.add_to(plugin_manager)
+        http_hookspecs.add_with_gateway(plugin_manager)
 
     @staticmethod
     @hookimpl

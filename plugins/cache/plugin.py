@@ -51,11 +51,9 @@ log = get_logger(NAME)
 
 @hookimpl
 def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-    from inferno.plugins.gateway import hookspecs as gateway_hookspecs
     from inferno.plugins.protocols import http_hookspecs
 
-    gateway_hookspecs.add_to(plugin_manager)
-    http_hookspecs.add_to(plugin_manager)
+    http_hookspecs.add_with_gateway(plugin_manager)
     from inferno.plugins.schedulers import hookspecs as scheduler_hookspecs
 
     scheduler_hookspecs.add_to(plugin_manager)

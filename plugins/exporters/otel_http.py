@@ -8,7 +8,6 @@ children (``otel_calls``), since the span is current while the route runs.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from inferno.plugins.gateway.errors import from_exception
+from inferno.plugins.protocols.web import status_of
 
 if TYPE_CHECKING:
     from .otel import OtelExporter
@@ -26,9 +25,6 @@ PROPAGATOR = TraceContextTextMapPropagator()
 #: The request's trace id (32 hex digits), for lines logged after the request's context ended
 #: (the access log).
 TRACE_ID = web.RequestKey("trace_id", str)
-#: What a client that went away is recorded as (nginx's convention; no response was sent).
-CLIENT_CLOSED = 499
-
 #: Methods named as they are; any other is ``_OTHER`` (a client picks the token).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
                      "TRACE"})
@@ -75,14 +71,8 @@ def http_middleware(driver: OtelExporter) -> Any:
                     response = await handler(request)
                 status = response.status
                 return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            except (asyncio.CancelledError, ConnectionResetError):
-                status = CLIENT_CLOSED
-                raise
-            except Exception as exc:
-                status = from_exception(exc).status
+            except BaseException as exc:
+                status = status_of(exc)
                 raise
             finally:
                 span.set_attribute("http.response.status_code", status)

@@ -21,13 +21,13 @@ from aiohttp import web
 from inferno.kernel import KernelHandle
 from inferno.plugins.gateway.calls import Call, Delta, Final, Handler, StreamReply, ValueReply
 from inferno.plugins.gateway.errors import ApiError, from_exception
+from inferno.plugins.protocols.web import CLIENT_CLOSED, status_of
 
 from .prom_metrics import LOAD_STAGES, Metrics
 
 #: HTTP methods counted by name; any other token a client sends is counted as ``other``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: The status counted for a request whose client went away before it was answered.
-CLIENT_CLOSED = 499
 
 
 def outcome(status: int) -> str:
@@ -233,14 +233,8 @@ def http_middleware(metrics: Metrics) -> Any:
             response = await handler(request)
             status = response.status
             return response
-        except (web.HTTPException, ApiError) as exc:
-            status = exc.status
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = CLIENT_CLOSED
-            raise
-        except Exception as exc:
-            status = from_exception(exc).status
+        except BaseException as exc:
+            status = status_of(exc)
             raise
         finally:
             route, method = route_of(request), request.method

@@ -43,3 +43,13 @@ def add_to(plugin_manager: pluggy.PluginManager) -> None:
     if not hasattr(plugin_manager.hook, "inferno_http_routes") or \
             plugin_manager.hook.inferno_http_routes.spec is None:
         plugin_manager.add_hookspecs(sys.modules[__name__])
+
+
+def add_with_gateway(plugin_manager: pluggy.PluginManager) -> None:
+    """Add these specs and the gateway's (middlewares, operations): for a plugin that offers
+    routes as well as gateway hooks, which must be known hooks even in a profile without the
+    ``http`` protocol or before the ``gateway`` plugin registers."""
+    from inferno.plugins.gateway import hookspecs as gateway_hookspecs
+
+    add_to(plugin_manager)
+    gateway_hookspecs.add_to(plugin_manager)

@@ -298,6 +298,19 @@ async def read_json(request: web.Request) -> Any:
     return loads(text, "the request body")
 
 
+#: The status a request is counted with when its client went away before the answer (nginx's).
+CLIENT_CLOSED = 499
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status a request that raised ``error`` is answered (or counted) with."""
+    if isinstance(error, web.HTTPException | ApiError):
+        return error.status
+    if isinstance(error, asyncio.CancelledError | ConnectionResetError):
+        return CLIENT_CLOSED
+    return from_exception(error).status if isinstance(error, Exception) else 500
+
+
 def meta_headers(request: web.BaseRequest) -> dict[str, str]:
     """``X-Inferno-<Key>`` headers from what the request's calls were told (``Call.meta``)."""
     headers: dict[str, str] = {}
