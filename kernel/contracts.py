@@ -130,6 +130,11 @@ class GenerationRequest:
     prompt: str | None = None
     messages: Sequence[Mapping[str, Any]] | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: Who asked, when callers are told apart: a backend never lets one owner's request
+    #: reuse state (a cached prompt) left by another's.
+    owner: str = ""
+    #: Among waiting requests, higher goes first; arrival order within one priority.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,10 @@ class Chunk:
 class LoadedModel(abc.ABC):
     """A model loaded by a backend. Its methods may be called concurrently."""
 
+    #: Requests the model serves at once (the gateway queues the rest); ``None``: as many
+    #: as the gateway's ``concurrency`` setting allows.
+    concurrency: int | None = None
+
     @property
     @abc.abstractmethod
     def info(self) -> Mapping[str, Any]:
@@ -153,6 +162,11 @@ class LoadedModel(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream the output; closing the iterator cancels the generation."""
+
+    def batching(self) -> Mapping[str, Any] | None:
+        """How the model batches requests now (slots, waiting requests, step counters), for
+        status and metrics; ``None`` when it runs one request at a time."""
+        return None
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         raise NotImplementedError(f"model {self.info.get('name', '?')!r} does not embed")

@@ -64,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,
     # Prompt-processing threads; 0 means the same as threads.
     "threads_batch": 0,
+    # Prompt tokens evaluated per decode. With parallel > 1, a step's prompt budget: a long
+    # prompt is evaluated in chunks of this size while the other requests keep generating.
     "batch_size": 512,
     "ubatch_size": 512,
     # "auto" (every layer when this llama.cpp build can offload, else none), "all", or a number.
@@ -83,6 +85,12 @@ DEFAULTS: dict[str, Any] = {
     # evaluated whole, so greedy output could change with the requests that came before. Off,
     # every prompt is evaluated from scratch and the same request gives the same answer.
     "prompt_cache": False,
+    # Requests decoded together in one batch (continuous batching): sequence slots of one
+    # llama.cpp context. 1 keeps one request at a time on a plain context.
+    "parallel": 4,
+    # Tokens of KV cache the slots share; 0 means context_size for each slot. A request is
+    # started only when its prompt plus max_tokens fits beside the running ones.
+    "kv_cache_size": 0,
     # Seed of requests that give none; -1 means a fresh random seed per request.
     "seed": -1,
     # Embedding pooling: "" means what the model declares, else mean; or mean, cls, last.
@@ -92,7 +100,9 @@ DEFAULTS: dict[str, Any] = {
 
 #: Smallest value of each integer option.
 MINIMUM = {"context_size": 0, "threads": 0, "threads_batch": 0, "batch_size": 1,
-           "ubatch_size": 1, "main_gpu": 0, "seed": -1}
+           "ubatch_size": 1, "main_gpu": 0, "seed": -1, "parallel": 1, "kv_cache_size": 0}
+#: llama.cpp's own limit on sequences in one context.
+MAX_PARALLEL = int(llama_cpp.llama_max_parallel_sequences())
 CHOICES = {"kv_cache_type": frozenset(KV_TYPES), "pooling": frozenset({"", *POOLING})}
 
 
@@ -103,6 +113,7 @@ def _gpu_layers(value: Any) -> bool:
 
 VALIDATORS = [
     *(Validator(key, gte=low) for key, low in MINIMUM.items()),
+    Validator("parallel", lte=MAX_PARALLEL),
     Validator("gpu_layers", condition=_gpu_layers,
               messages={"condition": "gpu_layers must be 'auto', 'all' or a number of layers "
                                      "≥ 0, got {value!r}"}),
@@ -125,6 +136,7 @@ def option_problem(key: str, value: Any) -> str | None:
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= MINIMUM[key]
+        ok = ok and (key != "parallel" or value <= MAX_PARALLEL)
     elif isinstance(default, list):
         ok = isinstance(value, list) and all(
             isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value)
@@ -162,6 +174,11 @@ class GgufBackend(Backend):
             raise ModelError(spec.name, f"kv_cache_type {options['kv_cache_type']!r} needs "
                                         f"flash_attention = true: llama.cpp quantises the KV "
                                         f"cache only with flash attention")
+        kv_size = int(options["kv_cache_size"])
+        if kv_size and kv_size < (context := context_size(options, file_metadata(spec))):
+            raise ModelError(spec.name, f"kv_cache_size {kv_size} is smaller than the context "
+                                        f"size of {context} tokens: one request could not fit; "
+                                        f"use 0 or at least {context}")
         return options
 
     def estimate_memory(self, spec: ModelSpec) -> int:
@@ -174,7 +191,7 @@ class GgufBackend(Backend):
         head_width = int(meta.get("embedding_length") or 0) // max(heads, 1)
         key_width = int(meta.get("key_length") or head_width)  # Gemma 3: 256, not 640 / 4
         value_width = int(meta.get("value_length") or key_width)
-        context = context_size(options, meta)
+        context = kv_tokens(options, meta)
         per_token = layers * kv_heads * (key_width + value_width)
         kv_bytes = context * per_token * KV_BYTES[options["kv_cache_type"]]
         return spec.path.stat().st_size + int(kv_bytes)
@@ -229,14 +246,36 @@ class GgufBackend(Backend):
         if embedding:
             kwargs.update(embedding=True, n_batch=context, n_ubatch=context,
                           pooling_type=pooling(options, spec.metadata))
+        slots = 1 if embedding else int(options["parallel"])
         count_offload, offloaded = llama_log.offload_counter()
         with llama_log.capture(count_offload) as log:
             try:
                 llama = llama_cpp.Llama(**kwargs)
+                if slots > 1:
+                    _share_context(llama, slots, kv_tokens(options, spec.metadata),
+                                   int(options["batch_size"]) + slots,
+                                   int(options["ubatch_size"]))
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ModelError(spec.name, f"llama.cpp could not load {spec.path}: "
                                             f"{log.reason()} ({exc})") from None
         return llama, offloaded()
+
+
+def _share_context(llama: llama_cpp.Llama, slots: int, kv_size: int, batch: int,
+                   ubatch: int) -> None:
+    """Give ``llama`` a context of ``slots`` sequences sharing one KV cache of ``kv_size``
+    tokens, in place of the one-sequence context ``Llama`` makes (it takes no such
+    option). A step's batch (its prompt budget and one token per slot) is decoded whole."""
+    params = llama.context_params
+    params.n_ctx, params.n_seq_max, params.kv_unified = kv_size, slots, True
+    params.n_batch, params.n_ubatch = batch, min(ubatch, batch)
+    llama._ctx.close()
+    try:
+        llama._ctx = llama_cpp._internals.LlamaContext(model=llama._model, params=params,
+                                                       verbose=False)
+    except BaseException:
+        llama.close()
+        raise
 
 
 def file_metadata(spec: ModelSpec) -> Mapping[str, Any]:
@@ -257,6 +296,13 @@ def context_size(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int
     trained = int(metadata.get("context_length") or 0)
     wanted = int(options["context_size"]) or trained or 4096
     return min(wanted, trained) if trained else wanted
+
+
+def kv_tokens(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int:
+    """Tokens of KV cache: context_size per slot unless kv_cache_size says otherwise."""
+    if int(options["kv_cache_size"]):
+        return int(options["kv_cache_size"])
+    return context_size(options, metadata) * int(options["parallel"])
 
 
 def gpu_layers(value: Any) -> int:

@@ -1,9 +1,10 @@
 """A loaded GGUF model: generation, chat, embeddings and tokens.
 
-A llama.cpp context is not thread-safe, so requests to one model take turns
-(one lock per model). Each generation runs in a worker thread that hands text
-pieces to the event loop as they are decoded and checks, before every decode
-step, whether the request was cancelled.
+With ``parallel`` > 1 (the default) generations run in the model's batching engine
+(``gguf_engine``): up to ``parallel`` of them are decoded together, one batch per step.
+With ``parallel = 1`` requests take turns on a plain context (one lock per model), each
+in a worker thread that hands text pieces to the event loop as they are decoded and
+checks, before every decode step, whether the request was cancelled.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +27,7 @@ from inferno.kernel import Chunk, GenerationRequest, LoadedModel, ModelSpec
 from inferno.plugins.models.errors import ModelError, RequestError
 
 from . import chat_templates
+from .gguf_engine import DONE, BatchEngine, Job, grammar_parts
 from .sampling import Sampling, parse_sampling
 from .streaming import TextStream
 
@@ -71,10 +74,22 @@ class GgufModel(LoadedModel):
         self._lock = asyncio.Lock()
         self._embed_lock = asyncio.Lock()
         self._embedder: llama_cpp.Llama | None = None
-        #: Tokens decoded over the model's life: shows that a cancelled generation stopped.
-        self.decoded_tokens = 0
+        self._decoded = 0
         self._closed = False
         meta = llama.metadata
+        from .gguf import context_size  # gguf imports this module
+
+        #: Tokens one request may hold (prompt and output); the KV cache may hold more.
+        self.context_size = context_size(options, spec.metadata)
+        self.concurrency = int(options["parallel"])  # the gateway queues the others
+        self.engine: BatchEngine | None = None
+        if int(options["parallel"]) > 1:
+            self.engine = BatchEngine(
+                self.name, llama, slots=int(options["parallel"]),
+                kv_tokens=llama.n_ctx(), step_tokens=int(options["batch_size"]),
+                prefix_reuse=bool(options["prompt_cache"]) and (
+                    bool(options["swa_full"]) or not llama_cpp.llama_model_n_swa(llama.model)),
+                thread=self.thread, on_error=self._engine_failed)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self.bos_text = self._piece(llama.token_bos())
         self.eos_text = self._piece(llama.token_eos())
@@ -91,12 +106,13 @@ class GgufModel(LoadedModel):
         self._info = {
             "name": self.name, "format": "gguf", "backend": backend.name,
             "path": str(spec.path), "architecture": meta.get("general.architecture"),
-            "context_size": llama.n_ctx(), "trained_context": llama._model.n_ctx_train(),
+            "context_size": self.context_size, "trained_context": llama._model.n_ctx_train(),
             "embedding_length": llama.n_embd(), "vocab_size": llama.n_vocab(),
             "threads": llama.context_params.n_threads,
             "device": "gpu" if load_info.get("gpu_layers_offloaded") else "cpu",
             "chat_template": self._template_source or None,
             "memory_bytes": backend.estimate_memory(spec), **load_info,
+            "parallel": int(options["parallel"]), "kv_cache_tokens": llama.n_ctx(),
         }
 
     @property
@@ -105,8 +121,32 @@ class GgufModel(LoadedModel):
 
     @property
     def busy(self) -> bool:
-        """Whether a generation holds the llama.cpp context now."""
-        return self._lock.locked()
+        """Whether a generation holds (or waits for) the llama.cpp context now."""
+        return self._lock.locked() or (self.engine is not None and self.engine.busy)
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens decoded over the model's life: shows that a cancelled generation stopped."""
+        return self._decoded + (self.engine.decoded_tokens if self.engine is not None else 0)
+
+    def batching(self) -> dict[str, Any] | None:
+        """The engine's slots, queue and step counters; ``None`` without batching."""
+        engine = self.engine
+        if engine is None:
+            return None
+        stats = engine.stats
+        return {"slots": len(engine.slots), "slots_busy": engine.busy_slots,
+                "waiting": engine.waiting, "steps": stats.steps,
+                "batch_tokens": stats.batch_tokens, "prompt_tokens": stats.prompt_tokens,
+                "cached_prompt_tokens": stats.cached_prompt_tokens,
+                "largest_prompt_chunk": stats.largest_prompt_chunk,
+                "finished": stats.finished,
+                "sequences_per_step": stats.sequences_per_step.as_dict(),
+                "tokens_per_step": stats.tokens_per_step.as_dict()}
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        self.backend.log.error("batching engine stopped", model=self.name,
+                               error=f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ tokens
 
@@ -158,7 +198,7 @@ class GgufModel(LoadedModel):
             if token >= vocab:
                 raise RequestError(self.name, f"logit_bias token {token} is not in this model's "
                                               f"vocabulary of {vocab} tokens")
-        context = self.llama.n_ctx()
+        context = self.context_size
         room = context - len(tokens)
         wanted = sampling.max_tokens if sampling.max_tokens is not None else room
         if len(tokens) + wanted > context or room < 1:
@@ -170,6 +210,12 @@ class GgufModel(LoadedModel):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         tokens, sampling, max_tokens = self.check_request(request)
         grammar = self._grammar(sampling)
+        if self.engine is not None:
+            async with aclosing(self._generate_batched(request, tokens, sampling, max_tokens,
+                                                       grammar)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
         queued = time.perf_counter()
         async with self._lock:
             self._check_open()  # closed while this request waited for its turn
@@ -188,6 +234,32 @@ class GgufModel(LoadedModel):
         yield Chunk(text="", finish_reason=run.finish_reason,
                     usage=self._usage(run, len(tokens), queued, started))
 
+    async def _generate_batched(self, request: GenerationRequest, tokens: list[int],
+                                sampling: Sampling, max_tokens: int,
+                                grammar: LlamaGrammar | None) -> AsyncGenerator[Chunk, None]:
+        assert self.engine is not None
+        self._check_open()
+        job = Job(tokens, sampling, max_tokens,
+                  sampling.seed if sampling.seed is not None else self._seed(),
+                  grammar_parts(grammar) if grammar is not None else None,
+                  owner=request.owner, priority=request.priority,
+                  loop=asyncio.get_running_loop())
+        self.engine.submit(job)
+        done = False
+        try:
+            while (item := await job.queue.get()) is not DONE:
+                yield Chunk(text=item[0], tokens=item[1])
+            done = True
+        finally:
+            if not done:  # the consumer left early: free the slot, and wait until it is
+                self.engine.cancel(job)
+                await _until_done(job)
+        if job.error is not None:
+            raise job.error
+        yield Chunk(text="", finish_reason=job.finish_reason, usage={
+            **self._usage(job, len(tokens), job.submitted_at, job.started_at or job.finished_at),
+            "cached_tokens": job.cached_tokens})
+
     def _decode(self, run: _Run, tokens: list[int], sampling: Sampling, max_tokens: int,
                 grammar: LlamaGrammar | None) -> None:
         llama = self.llama
@@ -204,7 +276,7 @@ class GgufModel(LoadedModel):
                     presence_penalty=sampling.presence_penalty,
                     frequency_penalty=sampling.frequency_penalty, grammar=grammar,
                     logits_processor=_bias(sampling.logit_bias)):
-                self.decoded_tokens += 1
+                self._decoded += 1
                 if not run.first_token_at:
                     run.first_token_at = time.perf_counter()
                 if run.cancel.is_set():
@@ -251,7 +323,7 @@ class GgufModel(LoadedModel):
         configured = int(self.options["seed"])
         return configured if configured >= 0 else int.from_bytes(np.random.bytes(4), "little")
 
-    def _usage(self, run: _Run, prompt_tokens: int, queued: float, started: float
+    def _usage(self, run: _Run | Job, prompt_tokens: int, queued: float, started: float
                ) -> dict[str, Any]:
         first = run.first_token_at or run.finished_at
         decode_seconds = max(run.finished_at - first, 0.0)
@@ -292,28 +364,46 @@ class GgufModel(LoadedModel):
                     raise RequestError(self.name, f"input {index} has {count} tokens, more than "
                                                   f"the context size of {limit}")
                 counts.append(count)
-            return await self._on_thread(self._embed_each, embedder, list(inputs)), counts
+            return await self._on_thread(self._embed_batch, embedder, list(inputs)), counts
 
     async def _on_thread(self, function: Callable[..., T], *args: Any) -> T:
+        if self.engine is not None:  # the engine's loop holds the thread: it runs calls too
+            return await asyncio.wrap_future(self.engine.call(lambda: function(*args)))  # type: ignore[no-any-return]
         return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)
 
     @staticmethod
-    def _embed_each(embedder: llama_cpp.Llama, inputs: list[str]) -> list[list[float]]:
-        # One input per decode: in a shared batch llama.cpp's vectors drift by about 1e-3
-        # with their neighbours, so a text's vector would depend on the rest of the request.
-        return [[float(value) for value in embedder.embed([text], normalize=True,
-                                                          truncate=False)[0]]
-                for text in inputs]
+    def _embed_batch(embedder: llama_cpp.Llama, inputs: list[str]) -> list[list[float]]:
+        # As many inputs per decode as the context holds, each its own sequence (the gateway
+        # gathers concurrent requests into one call). Beside others a text's vector moves in
+        # the third decimal (cosine to its lone vector above 0.9998), as llama.cpp's batched
+        # kernels add in another order.
+        vectors = embedder.embed(inputs, normalize=True, truncate=False)
+        return [[float(value) for value in vector] for vector in vectors]
 
     async def close(self) -> None:
         async with self._lock, self._embed_lock:
             if self._closed:
                 return
             self._closed = True
+            if self.engine is not None:
+                await _join(asyncio.wrap_future(self.engine.stop()))
             self.llama.close()
             if self._embedder is not None:
                 self._embedder.close()
             self.thread.shutdown(wait=False)
+
+
+async def _until_done(job: Job) -> None:
+    """Wait, through cancellations, until the engine let go of ``job``."""
+    cancelled = False
+    while True:
+        try:
+            if await asyncio.shield(job.queue.get()) is DONE:
+                break
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _join(worker: asyncio.Future[None]) -> None:

@@ -34,6 +34,9 @@ class Sampling:
     #: ``None``, ``"json"`` (any JSON object) or ``"json_schema"`` (``schema`` required).
     response_format: str | None = None
     schema: Mapping[str, Any] | None = None
+    #: Generate ``max_tokens`` tokens whatever the model says: its end tokens are banned
+    #: (load generators use it to get the same number of tokens from every request).
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +78,11 @@ def parse_sampling(model: str, params: Mapping[str, Any],
         values["stop"] = _stops(model, merged["stop"])
     if "logit_bias" in merged:
         values["logit_bias"] = _logit_bias(model, merged["logit_bias"])
+    if "ignore_eos" in merged:
+        if not isinstance(merged["ignore_eos"], bool):
+            raise RequestError(model, f"ignore_eos must be true or false, "
+                                      f"got {merged['ignore_eos']!r}")
+        values["ignore_eos"] = merged["ignore_eos"]
     values.update(_format(model, merged.get("response_format"), merged.get("schema")))
     return Sampling(**values)
 

@@ -14,7 +14,12 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from inferno.kernel import KernelHandle
@@ -156,6 +161,53 @@ def _gateway_metrics(status: Mapping[str, Any]) -> Iterator[Metric]:
     for row in loaded:
         memory.add_metric([row["name"]], int(row.get("memory_bytes") or 0))
     yield from (inflight, depth, count, memory)
+    yield from _batching_metrics({row["name"]: row["batching"] for row in loaded
+                                  if row.get("batching")})
+
+
+#: A batching model's figures: (metric, help, key in its ``batching`` status).
+_BATCH_GAUGES = (("inferno_batch_slots", "Sequence slots a batching model decodes together",
+                  "slots"),
+                 ("inferno_batch_slots_busy", "Slots running a request now", "slots_busy"),
+                 ("inferno_batch_waiting", "Requests handed to the model, waiting for a slot "
+                                           "(or for room in its KV cache)", "waiting"))
+_BATCH_COUNTERS = (("inferno_batch_steps", "Batched decode steps", "steps"),
+                   ("inferno_batch_prompt_tokens", "Prompt tokens of requests started",
+                    "prompt_tokens"),
+                   ("inferno_batch_cached_prompt_tokens", "Prompt tokens whose KV cache was "
+                                                          "reused, not evaluated",
+                    "cached_prompt_tokens"))
+_BATCH_HISTOGRAMS = (("inferno_batch_sequences_per_step", "Sequences decoded in one step",
+                      "sequences_per_step"),
+                     ("inferno_batch_tokens_per_step", "Tokens decoded in one step (one per "
+                                                       "generating sequence, plus prompt "
+                                                       "chunks)", "tokens_per_step"))
+
+
+def _batching_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    if not models:
+        return
+    for name, text, key in _BATCH_GAUGES:
+        gauge = GaugeMetricFamily(name, text, labels=["model"])
+        for model, stats in models.items():
+            gauge.add_metric([model], int(stats[key]))
+        yield gauge
+    for name, text, key in _BATCH_COUNTERS:
+        counter = CounterMetricFamily(name, text, labels=["model"])
+        for model, stats in models.items():
+            counter.add_metric([model], int(stats[key]))
+        yield counter
+    for name, text, key in _BATCH_HISTOGRAMS:
+        histogram = HistogramMetricFamily(name, text, labels=["model"])
+        for model, stats in models.items():
+            figures = stats[key]
+            cumulative, buckets = 0, []
+            for bound, count in zip([*figures["bounds"], "+Inf"], figures["counts"],
+                                    strict=True):
+                cumulative += count
+                buckets.append((str(bound), cumulative))
+            histogram.add_metric([model], buckets, sum_value=figures["sum"])
+        yield histogram
 
 
 def _cache_metrics(stats: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:

@@ -24,7 +24,7 @@ _IGNORED = frozenset({"store", "metadata", "service_tier", "parallel_tool_calls"
                       "stream_options", "user", "logprobs", "top_logprobs", "prediction",
                       "reasoning_effort", "function_call", "functions"})
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "stop", "logit_bias")
+             "frequency_penalty", "seed", "stop", "logit_bias", "ignore_eos")
 _COMMON = frozenset({"model", "max_tokens", "n", "stream", "keep_alive", "cache",
                      "response_format", *_SAMPLING})
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice"}

@@ -140,8 +140,9 @@ class Gateway:
             params["response_format"], params["schema"] = "json_schema", plan.tools.schema()
         elif messages is not None:
             messages = rewrite_turns(messages)
+        owner = call.principal.id if call.principal is not None else ""
         request = GenerationRequest(request_id=call.id, prompt=plan.prompt, messages=messages,
-                                    params=params)
+                                    params=params, owner=owner)
         ticket = self.queues.enter(entry.name)
         events = self._generate(entry.name, plan, request, ticket, call)
         reply = StreamReply(entry.name, events, kind=plan.kind)
@@ -170,6 +171,7 @@ class Gateway:
             loaded = await stack.enter_async_context(
                 self.models.use(model, keep_alive=plan.keep_alive))
             call.mark("load.end")
+            self.queues.resize(model, loaded.concurrency or self.queues.concurrency)
             load_seconds = call.marks["load.end"] - loading
             tools = plan.tools if plan.tools is not None and plan.tools.active else None
             parts: list[str] = []
@@ -292,12 +294,15 @@ class Gateway:
 
         loaded = []
         for name, resident in sorted(self.models.residents.items()):
-            info = resident.current.model.info
-            loaded.append({"name": name, "format": info.get("format"),
-                           "memory_bytes": info.get("memory_bytes")
-                           or resident.current.reservation.amount,
-                           "device": info.get("device"), "inflight": resident.current.inflight,
-                           "keep_alive": resident.keep_alive})
+            model = resident.current.model
+            info = model.info
+            row = {"name": name, "format": info.get("format"),
+                   "memory_bytes": info.get("memory_bytes") or resident.current.reservation.amount,
+                   "device": info.get("device"), "inflight": resident.current.inflight,
+                   "keep_alive": resident.keep_alive}
+            if (batching := model.batching()) is not None:
+                row["batching"] = dict(batching)
+            loaded.append(row)
         return {"version": version("inferno"), "state": self.kernel.state,
                 "uptime_seconds": round(time.time() - self.started, 3), "loaded": loaded,
                 "queues": self.queues.stats()}

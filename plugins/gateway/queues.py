@@ -122,6 +122,14 @@ class Queues:
                                 f"again later", code="queue_full", retry_after=self.retry_after)
         return Ticket(self, queue)
 
+    def resize(self, model: str, concurrency: int) -> None:
+        """Serve ``concurrency`` requests of ``model`` at once from now on (a loaded model
+        says how many it batches); waiting requests take the new turns at once."""
+        queue = self.models.get(model)
+        if queue is not None and queue.concurrency != concurrency:
+            queue.concurrency = concurrency
+            self.wake(queue)
+
     def wake(self, queue: ModelQueue) -> None:
         while queue.waiters and queue.running < queue.concurrency:
             future = queue.waiters.pop(0)

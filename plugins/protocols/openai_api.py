@@ -214,8 +214,11 @@ def tool_call(call: ToolCall) -> dict[str, Any]:
 
 def usage_fields(final: Final) -> dict[str, Any]:
     """``usage`` with OpenAI's three counts, and Inferno's timings under their own key."""
-    usage = {key: int(final.usage.get(key) or 0) for key in USAGE_KEYS}
-    timings = {key: value for key, value in final.usage.items() if key not in USAGE_KEYS}
+    usage: dict[str, Any] = {key: int(final.usage.get(key) or 0) for key in USAGE_KEYS}
+    if "cached_tokens" in final.usage:  # prompt tokens whose KV was reused, as OpenAI says it
+        usage["prompt_tokens_details"] = {"cached_tokens": int(final.usage["cached_tokens"])}
+    timings = {key: value for key, value in final.usage.items()
+               if key not in USAGE_KEYS and key != "cached_tokens"}
     return {"usage": usage, "timings": timings}
 
 

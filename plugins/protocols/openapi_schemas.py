@@ -84,6 +84,9 @@ _SAMPLING: Schema = {
     "logit_bias": {"type": "object", "propertyNames": {"pattern": r"^\d{1,9}$"},
                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
                    "description": "Token id to bias"},
+    "ignore_eos": {"type": "boolean", "description": "Inferno extension (also llama.cpp's): "
+                                                      "generate max_tokens tokens, never "
+                                                      "stopping at the model's end token"},
     "n": {"type": "integer", "const": 1, "description": "One choice per request"},
     "stream": BOOLEAN,
     "stream_options": nullable(obj({"include_usage": BOOLEAN})),
@@ -163,7 +166,10 @@ OPENAI_REQUESTS: dict[str, Schema] = {
 
 # --------------------------------------------------------------------------- OpenAI responses
 
-USAGE = obj({"prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER},
+USAGE = obj({"prompt_tokens": INTEGER, "completion_tokens": INTEGER, "total_tokens": INTEGER,
+             "prompt_tokens_details": obj({"cached_tokens": INTEGER}, ("cached_tokens",),
+                                          description="Prompt tokens whose KV cache was "
+                                                      "reused from an earlier request")},
             ("prompt_tokens", "completion_tokens", "total_tokens"))
 TIMINGS = obj({name: NUMBER for name in (
     "queue_seconds", "load_seconds", "time_to_first_token", "decode_seconds",
@@ -239,7 +245,10 @@ INFERNO: dict[str, Schema] = {
         "loaded": {"type": "array", "items": obj({
             "name": STRING, "format": NULLABLE_STRING,
             "memory_bytes": nullable(INTEGER), "device": NULLABLE_STRING,
-            "inflight": INTEGER, "keep_alive": nullable(NUMBER)}, ("name",))},
+            "inflight": INTEGER, "keep_alive": nullable(NUMBER),
+            "batching": {**ANY_OBJECT, "description": "A batching model's slots, waiting "
+                                                      "requests and step counters"}},
+            ("name",))},
         "queues": {"type": "object", "additionalProperties": QUEUE,
                    "description": "Per model: running, waiting and wait times"},
     }, ("version", "state", "uptime_seconds", "loaded", "queues")),
