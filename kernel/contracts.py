@@ -133,8 +133,6 @@ class GenerationRequest:
     #: Who asked, when callers are told apart: a backend never lets one owner's request
     #: reuse state (a cached prompt) left by another's.
     owner: str = ""
-    #: Among waiting requests, higher goes first; arrival order within one priority.
-    priority: int = 0
 
 
 @dataclass(frozen=True)

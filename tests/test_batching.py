@@ -26,6 +26,7 @@ from inferno.kernel import Chunk, GenerationRequest, Kernel, ModelSpec
 from inferno.kernel.config import Layers, profiles_dir
 from inferno.plugins.auth.keystore import KeyStore
 from inferno.plugins.backends.gguf_model import GgufModel
+from inferno.plugins.models.errors import ModelError
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -234,6 +235,48 @@ async def test_embeddings_run_on_the_engine_beside_generation(gemma: GgufModel) 
     cosine = sum(a * b for a, b in zip(alone[0], together[0], strict=True))
     assert cosine > 0.999  # batched with another input, the vector barely moves
     assert sum(a * b for a, b in zip(together[0], together[1], strict=True)) < 0.9
+
+
+@on_module_loop
+async def test_a_request_that_fits_only_without_its_cached_prefix_still_starts(
+        gemma_path: Path, tmp_path: Path) -> None:
+    # one context's worth of cache for two slots: the first answer's cache plus the second
+    # request's reservation would overflow it, so the prefix is given up, not waited for
+    kernel, model = await load_gemma(gemma_path, tmp_path, {
+        "context_size": 256, "parallel": 2, "prompt_cache": True, "swa_full": True})
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    try:
+        await run(model, prompt, max_tokens=8, ignore_eos=True)
+        # 13 prompt tokens + 236: with the first answer's 20 cached tokens kept, 269 > 256
+        _, chunks = await asyncio.wait_for(run(model, prompt, max_tokens=236), 120)
+        assert chunks[-1].finish_reason in ("stop", "length")
+        assert chunks[-1].usage["cached_tokens"] == 0  # type: ignore[index]
+    finally:
+        await model.close()
+        await kernel.stop()
+
+
+@on_module_loop
+async def test_a_fault_in_the_engine_fails_its_requests_and_refuses_later_ones(
+        gemma_path: Path, tmp_path: Path) -> None:
+    kernel, model = await load_gemma(gemma_path, tmp_path, {"parallel": 2})
+    engine = model.engine
+    assert engine is not None
+
+    def broken(*args: Any) -> None:  # stands in for a bug in one step
+        raise RuntimeError("fault in a step")
+
+    engine._accept = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ModelError, match="fault in a step"):
+            await asyncio.wait_for(run(model, "Hello"), 60)
+        with pytest.raises(ModelError, match="engine stopped after an error"):
+            await asyncio.wait_for(run(model, "Hello again"), 60)
+        with pytest.raises(ModelError, match="engine stopped after an error"):
+            await asyncio.wait_for(model.embed(["text"]), 60)
+    finally:
+        await model.close()
+        await kernel.stop()
 
 
 # --------------------------------------------------------------------------- through HTTP

@@ -148,10 +148,10 @@ def test_parallel_slots_share_one_kv_cache_of_context_size_each(load: Callable[.
                                                                 tiny: Path) -> None:
     given = load(tiny, settings, config={"context_size": 256, "batch_size": 64,
                                          "ubatch_size": 512, "parallel": 3})
-    # three sequences in one unified cache, a request still limited to 256 tokens
-    assert (given["n_ctx"], given["n_seq_max"], given["kv_unified"]) == (768, 3, True)
+    # three sequences in one unified cache of one context's size, as llama.cpp's server
+    assert (given["n_ctx"], given["n_seq_max"], given["kv_unified"]) == (256, 3, True)
     assert given["info"]["context_size"] == 256
-    assert (given["info"]["parallel"], given["info"]["kv_cache_tokens"]) == (3, 768)
+    assert (given["info"]["parallel"], given["info"]["kv_cache_tokens"]) == (3, 256)
     # a step decodes its prompt budget plus one token per slot, whole
     assert (given["n_batch"], given["n_ubatch"]) == (67, 67)
     sized = load(tiny, settings, config={"context_size": 256, "parallel": 3,
@@ -214,14 +214,18 @@ def test_the_memory_estimate_adds_a_kv_cache_sized_from_the_files_header(
     async def estimates(kernel: Kernel) -> list[int]:
         backend = kernel.drivers("backends")["gguf"]
         return [backend.estimate_memory(ModelSpec("tiny", tiny, "gguf", {
-            "kv_cache_type": kind, "parallel": slots})) for kind, slots in (
-                ("f16", 1), ("f32", 1), ("f16", 3))]
+            "kv_cache_type": kind, "parallel": slots, "kv_cache_size": kv}))
+            for kind, slots, kv in (("f16", 1, 0), ("f32", 1, 0), ("f16", 3, 0),
+                                    ("f16", 3, 1536), ("f16", 1, 1536))]
 
-    half, full, three = (estimate - tiny.stat().st_size
-                         for estimate in run_kernel(make_kernel(PROFILE), estimates))
+    half, full, shared, sized, plain = (
+        estimate - tiny.stat().st_size
+        for estimate in run_kernel(make_kernel(PROFILE), estimates))
     # 2 layers x (K and V) x 512 tokens (the trained length) x 128 wide (2 of 4 heads of 256)
     assert (half, full) == (2 * 2 * 512 * 128 * 2, 2 * 2 * 512 * 128 * 4)
-    assert three == 3 * half  # each of three slots may hold a whole context
+    assert shared == half  # three slots share one context's worth by default
+    assert sized == 3 * half  # unless kv_cache_size says more
+    assert plain == half  # one slot runs on a plain context, whatever kv_cache_size says
 
 
 @pytest.mark.parametrize(("configured", "declared", "expected"), [
@@ -699,14 +703,18 @@ async def test_embeddings_are_unit_length_and_identical_for_identical_inputs(
     first, second = await gemma.embed(["hello world", "hello world"])
     assert len(first) == gemma.info["embedding_length"]
     assert math.isclose(math.hypot(*first), 1.0, abs_tol=1e-5)
-    assert first == second
+    # two sequences of one batch: the same text, the same vector but for float rounding
+    assert max(abs(a - b) for a, b in zip(first, second, strict=True)) < 1e-6
 
 
 @on_gemma
 async def test_a_batch_embeds_as_its_inputs_one_by_one(gemma: GgufModel) -> None:
     texts = ["a cat sat on the mat", "The stock market fell sharply today", "hello world"]
     batch = await gemma.embed(texts)
-    assert batch == [(await gemma.embed([text]))[0] for text in texts]
+    alone = [(await gemma.embed([text]))[0] for text in texts]
+    # evaluated together, llama.cpp's kernels add in another order: the third decimal moves
+    assert all(cosine(a, b) > 0.9995 for a, b in zip(batch, alone, strict=True))
+    assert cosine(batch[0], alone[1]) < 0.99  # and each vector is its own text's
 
 
 @on_gemma

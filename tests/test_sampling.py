@@ -67,12 +67,19 @@ def test_max_tokens_none_or_minus_one_means_as_many_as_the_context_allows(value:
     ({"schema": {"type": "object"}}, "schema"),
     ({"response_format": "json_schema"}, "schema"),
     ({"response_format": "json_schema", "schema": "{not json"}, "schema"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"ignore_eos": True, "response_format": "json"}, "ignore_eos"),
 ])
 def test_an_invalid_value_is_a_request_error_naming_the_parameter(params: dict[str, Any],
                                                                   named: str) -> None:
     with pytest.raises(RequestError, match=r"^mymodel: ") as caught:
         parse_sampling("mymodel", params)
     assert named in str(caught.value)
+
+
+def test_ignore_eos_is_kept() -> None:
+    assert parse_sampling("m", {"ignore_eos": True}).ignore_eos
+    assert not parse_sampling("m", {}).ignore_eos
 
 
 def test_an_unknown_parameter_lists_the_known_ones() -> None:

@@ -88,8 +88,8 @@ DEFAULTS: dict[str, Any] = {
     # Requests decoded together in one batch (continuous batching): sequence slots of one
     # llama.cpp context. 1 keeps one request at a time on a plain context.
     "parallel": 4,
-    # Tokens of KV cache the slots share; 0 means context_size for each slot. A request is
-    # started only when its prompt plus max_tokens fits beside the running ones.
+    # Tokens of KV cache the slots share; 0 means context_size (as llama.cpp's server does). A
+    # request starts when its prompt plus max_tokens fits beside the running requests'.
     "kv_cache_size": 0,
     # Seed of requests that give none; -1 means a fresh random seed per request.
     "seed": -1,
@@ -299,10 +299,11 @@ def context_size(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int
 
 
 def kv_tokens(options: Mapping[str, Any], metadata: Mapping[str, Any]) -> int:
-    """Tokens of KV cache: context_size per slot unless kv_cache_size says otherwise."""
-    if int(options["kv_cache_size"]):
-        return int(options["kv_cache_size"])
-    return context_size(options, metadata) * int(options["parallel"])
+    """Tokens of KV cache the slots share: kv_cache_size, or else one context's worth (and
+    always that with one slot, which runs on a plain context)."""
+    if int(options["parallel"]) == 1:
+        return context_size(options, metadata)
+    return int(options["kv_cache_size"]) or context_size(options, metadata)
 
 
 def gpu_layers(value: Any) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import threading
 import time
 from collections import deque
@@ -54,7 +53,6 @@ class Job:
     grammar: tuple[str, str] | None  # (grammar text, root rule)
     owner: str
     loop: asyncio.AbstractEventLoop
-    priority: int = 0
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -145,12 +143,18 @@ class BatchEngine:
         self.decoded_tokens = 0
         self._capacity = step_tokens + slots
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
-        self._eog = _end_tokens(self.vocab)
+        self._eog = end_tokens(self.vocab)
         self._cond = threading.Condition()
         self._incoming: deque[Job] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._waiting: list[Job] = []
+        #: Every job submitted and not yet handed its DONE: what a crash must still answer.
+        self._live: set[Job] = set()
+        #: What this turn hands to the event loops (kept here so a crash delivers it too).
+        self._out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
         self._stopping = False
+        #: Why the loop ended, when it ended on an error: what later requests are told.
+        self._failure: ModelError | None = None
         self._admissions = 0
         self._on_error = on_error
         self._runner = thread.submit(self._run)
@@ -177,8 +181,9 @@ class BatchEngine:
                                           f"model's KV cache of {self.kv_tokens} tokens")
         with self._cond:
             if self._stopping:
-                raise ModelError(self.name, "the model was closed (unloaded); load it again")
+                raise self._refusal()
             self._incoming.append(job)
+            self._live.add(job)
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
@@ -192,10 +197,17 @@ class BatchEngine:
         future: Future[Any] = Future()
         with self._cond:
             if self._stopping:
-                raise ModelError(self.name, "the model was closed (unloaded); load it again")
+                raise self._refusal()
             self._calls.append((function, future))
             self._cond.notify()
         return future
+
+    def _refusal(self) -> ModelError:
+        if self._failure is not None:
+            return ModelError(self.name, f"the model's batching engine stopped after an error "
+                                         f"({self._failure.reason}); unload the model and load "
+                                         f"it again")
+        return ModelError(self.name, "the model was closed (unloaded); load it again")
 
     def stop(self) -> Future[None]:
         """Finish every request with an error and leave the loop; the future is the loop's."""
@@ -211,7 +223,10 @@ class BatchEngine:
             while self._turn():
                 pass
         except BaseException as exc:
-            error = ModelError(self.name, f"generation failed: {type(exc).__name__}: {exc}")
+            error = ModelError(self.name, f"generation failed: {type(exc).__name__}: {exc}; "
+                                          f"unload the model and load it again")
+            with self._cond:  # nothing new is accepted: nobody would run it
+                self._stopping, self._failure = True, error
             self._fail_all(error)
             if self._on_error is not None:
                 self._on_error(exc)
@@ -238,10 +253,9 @@ class BatchEngine:
             self._fail_all(ModelError(self.name, "the model was closed (unloaded) during "
                                                  "this request"))
             return False
-        self._waiting.sort(key=lambda job: -job.priority)  # stable: FIFO within a priority
-        out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        out = self._out = {}
         self._drop_cancelled(out)
-        self._admit()
+        self._admit(out)
         if self.busy_slots:
             self._step(out)
         self._deliver(out)
@@ -266,25 +280,46 @@ class BatchEngine:
         return sum(len(s.job.tokens) + s.job.max_tokens if s.job is not None else len(s.tokens)
                    for s in self.slots)
 
-    def _admit(self) -> None:
+    def _admit(self, out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]) -> None:
+        """Start waiting requests, first come first served, while slots and KV room last."""
         while self._waiting:
             free = [slot for slot in self.slots if slot.job is None]
             if not free:
                 return
             job = self._waiting[0]
-            slot, source, reuse = self._place(job, free)
-            need = len(job.tokens) + job.max_tokens
-            used = self._used() - len(slot.tokens) + need
-            idle = sorted((s for s in free if s is not slot and s.tokens and s is not source),
-                          key=lambda s: s.used_at)
-            while used > self.kv_tokens and idle:
-                evicted = idle.pop(0)
-                used -= len(evicted.tokens)
-                self._clear(evicted)
-            if used > self.kv_tokens:
-                return  # first in line waits for running requests to finish (FIFO)
+            plan = self._plan(job, free)
+            if plan is None:
+                return  # the first in line waits for running requests to finish (FIFO)
+            slot, source, reuse, evicted = plan
             self._waiting.pop(0)
-            self._start(job, slot, source, reuse)
+            for cache in evicted:
+                self._clear(cache)
+            try:
+                self._start(job, slot, source, reuse)
+            except RequestError as exc:  # a grammar llama.cpp refused: this request only
+                job.error = exc
+                self._finish(slot, out)
+
+    def _plan(self, job: Job, free: list[_Slot]
+              ) -> tuple[_Slot, _Slot | None, int, list[_Slot]] | None:
+        """Where ``job`` starts and which idle caches make room for it, or ``None`` while
+        running requests hold too much of the KV cache. A request that fits only without
+        its cached prefix gives the prefix up; one that fits in an empty cache always
+        starts when nothing runs, so the queue cannot stall."""
+        need = len(job.tokens) + job.max_tokens
+        for slot, source, reuse in (self._place(job, free), (self._emptiest(free), None, 0)):
+            kept = {slot, source} if reuse else {slot}
+            used = self._used() - len(slot.tokens) + need
+            evicted = []
+            for cache in sorted((s for s in free if s.tokens and s not in kept),
+                                key=lambda s: s.used_at):
+                if used <= self.kv_tokens:
+                    break
+                used -= len(cache.tokens)
+                evicted.append(cache)
+            if used <= self.kv_tokens:
+                return slot, source, reuse, evicted
+        return None
 
     def _place(self, job: Job, free: list[_Slot]) -> tuple[_Slot, _Slot | None, int]:
         """The free slot for ``job``, the slot whose KV prefix it reuses and that prefix's
@@ -306,10 +341,16 @@ class BatchEngine:
         if source is not None and empty:
             return empty[0], source, reuse  # copy the prefix, keep the other's cache whole
         # the emptiest, least recently used free slot; a running slot's prefix is copied in
-        target = min(free, key=lambda s: (bool(s.tokens), s.used_at))
-        return target, source, reuse
+        return self._emptiest(free), source, reuse
+
+    @staticmethod
+    def _emptiest(free: list[_Slot]) -> _Slot:
+        return min(free, key=lambda s: (bool(s.tokens), s.used_at))
 
     def _start(self, job: Job, slot: _Slot, source: _Slot | None, reuse: int) -> None:
+        self._admissions += 1
+        slot.job, slot.admitted = job, self._admissions
+        slot.sampler = self._sampler(job)  # first: a refused grammar leaves the KV alone
         if source is None:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reuse, -1)
             del slot.tokens[reuse:]
@@ -317,12 +358,10 @@ class BatchEngine:
             self._clear(slot)
             llama_cpp.llama_memory_seq_cp(self.memory, source.id, slot.id, 0, reuse)
             slot.tokens = source.tokens[:reuse]
-        self._admissions += 1
-        slot.job, slot.owner, slot.admitted = job, job.owner, self._admissions
+        slot.owner = job.owner
         slot.prefilled = slot.chunk_base = reuse
         slot.pending, slot.held = None, 0
         slot.stream = TextStream(job.sampling.stop)
-        slot.sampler = self._sampler(job)
         job.cached_tokens = reuse
         job.started_at = time.perf_counter()
         self.stats.prompt_tokens += len(job.tokens)
@@ -353,8 +392,13 @@ class BatchEngine:
                                                    s.frequency_penalty, s.presence_penalty))
         if job.grammar is not None:
             grammar, root = job.grammar
-            add(llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(),
-                                                     root.encode()))
+            sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(),
+                                                           root.encode())
+            if not sampler:
+                llama_cpp.llama_sampler_free(chain)
+                raise RequestError(self.name, "llama.cpp could not parse the grammar made "
+                                              "from this request's JSON Schema")
+            add(sampler)
         if s.greedy:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -467,8 +511,9 @@ class BatchEngine:
             pieces.append((job, (rest, slot.held)))
         job.finished_at = time.perf_counter()
         pieces.append((job, DONE))
-        llama_cpp.llama_sampler_free(slot.sampler)
-        slot.job, slot.sampler, slot.stream, slot.pending = None, None, None, None
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
+        slot.job, slot.sampler, slot.stream, slot.pending, slot.held = None, None, None, None, 0
         slot.used_at = job.finished_at
         self.stats.finished += 1
         if not self.prefix_reuse:
@@ -487,32 +532,37 @@ class BatchEngine:
             self._clear(slot)
 
     def _fail_all(self, error: BaseException) -> None:
-        out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        """Answer every job still open with ``error`` (what this turn finished keeps its
+        answer) and every call waiting to run."""
+        out, self._out = self._out, {}
         with self._cond:
-            self._waiting.extend(self._incoming)
             self._incoming.clear()
             calls = list(self._calls)
             self._calls.clear()
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
-        for job in self._waiting:
-            job.error = error
-            job.finished_at = time.perf_counter()
-            out.setdefault(job.loop, []).append((job, DONE))
         self._waiting.clear()
         for slot in self.slots:
             if slot.job is not None:
                 slot.job.error = error
                 self._finish(slot, out)
+        answered = {job for items in out.values() for job, item in items if item is DONE}
+        for job in self._live - answered:
+            job.error = error
+            job.finished_at = time.perf_counter()
+            out.setdefault(job.loop, []).append((job, DONE))
         self._deliver(out)
 
-    @staticmethod
-    def _deliver(out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]) -> None:
+    def _deliver(self, out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]) -> None:
         """One hand-over per event loop per step, however many streams it carries."""
         for loop, items in out.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to read
+            self._live.difference_update(job for job, item in items if item is DONE)
+            try:
                 loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # a closed loop: nobody is left to read, so stop its jobs
+                for job, _ in items:
+                    job.cancel.set()
 
 
 def _put_all(items: list[tuple[Job, Any]]) -> None:
@@ -528,7 +578,7 @@ def _common_prefix(cached: list[int], tokens: list[int], limit: int) -> int:
     return size
 
 
-def _end_tokens(vocab: Any) -> frozenset[int]:
+def end_tokens(vocab: Any) -> frozenset[int]:
     """The model's end-of-generation tokens that ``ignore_eos`` bans (EOS and EOT: Gemma's
     ``<end_of_turn>``); any other end token still ends a request."""
     ends = (llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab))

@@ -27,7 +27,7 @@ from inferno.kernel import Chunk, GenerationRequest, LoadedModel, ModelSpec
 from inferno.plugins.models.errors import ModelError, RequestError
 
 from . import chat_templates
-from .gguf_engine import DONE, BatchEngine, Job, grammar_parts
+from .gguf_engine import DONE, BatchEngine, Job, end_tokens, grammar_parts
 from .sampling import Sampling, parse_sampling
 from .streaming import TextStream
 
@@ -87,8 +87,8 @@ class GgufModel(LoadedModel):
             self.engine = BatchEngine(
                 self.name, llama, slots=int(options["parallel"]),
                 kv_tokens=llama.n_ctx(), step_tokens=int(options["batch_size"]),
-                prefix_reuse=bool(options["prompt_cache"]) and (
-                    bool(options["swa_full"]) or not llama_cpp.llama_model_n_swa(llama.model)),
+                prefix_reuse=bool(options["prompt_cache"]) and reusable_prefix(
+                    llama, swa_full=bool(options["swa_full"])),
                 thread=self.thread, on_error=self._engine_failed)
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self.bos_text = self._piece(llama.token_bos())
@@ -193,6 +193,8 @@ class GgufModel(LoadedModel):
         sampling = parse_sampling(self.name, request.params,
                                   self.options.get("parameters") or {})
         tokens = self.prompt_tokens(request)
+        if not tokens:
+            raise RequestError(self.name, "the prompt is empty: it has no tokens to continue")
         vocab = self.llama.n_vocab()
         for token in sampling.logit_bias:
             if token >= vocab:
@@ -242,8 +244,7 @@ class GgufModel(LoadedModel):
         job = Job(tokens, sampling, max_tokens,
                   sampling.seed if sampling.seed is not None else self._seed(),
                   grammar_parts(grammar) if grammar is not None else None,
-                  owner=request.owner, priority=request.priority,
-                  loop=asyncio.get_running_loop())
+                  owner=request.owner, loop=asyncio.get_running_loop())
         self.engine.submit(job)
         done = False
         try:
@@ -256,9 +257,14 @@ class GgufModel(LoadedModel):
                 await _until_done(job)
         if job.error is not None:
             raise job.error
-        yield Chunk(text="", finish_reason=job.finish_reason, usage={
-            **self._usage(job, len(tokens), job.submitted_at, job.started_at or job.finished_at),
-            "cached_tokens": job.cached_tokens})
+        usage = self._usage(job, len(tokens), job.submitted_at,
+                            job.started_at or job.finished_at)
+        if job.cached_tokens:  # the speed of the tokens evaluated, not of those reused
+            prompt_seconds = max(float(usage["time_to_first_token"]), 1e-9)
+            usage["prompt_tokens_per_second"] = round(
+                (len(tokens) - job.cached_tokens) / prompt_seconds, 2)
+        yield Chunk(text="", finish_reason=job.finish_reason,
+                    usage={**usage, "cached_tokens": job.cached_tokens})
 
     def _decode(self, run: _Run, tokens: list[int], sampling: Sampling, max_tokens: int,
                 grammar: LlamaGrammar | None) -> None:
@@ -266,6 +272,9 @@ class GgufModel(LoadedModel):
         vocab = llama._model.vocab
         stream = TextStream(sampling.stop)
         llama.set_seed(sampling.seed if sampling.seed is not None else self._seed())
+        bias = dict(sampling.logit_bias)
+        if sampling.ignore_eos:  # banned, so the model cannot end before max_tokens
+            bias.update((token, -100.0) for token in end_tokens(vocab))
         if not self.options["prompt_cache"]:
             llama.reset()  # forget the previous prompt: no prefix of it is reused
         held = 0  # tokens whose text is held back (a possible stop string, a partial character)
@@ -275,14 +284,14 @@ class GgufModel(LoadedModel):
                     temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
                     presence_penalty=sampling.presence_penalty,
                     frequency_penalty=sampling.frequency_penalty, grammar=grammar,
-                    logits_processor=_bias(sampling.logit_bias)):
+                    logits_processor=_bias(bias)):
                 self._decoded += 1
                 if not run.first_token_at:
                     run.first_token_at = time.perf_counter()
                 if run.cancel.is_set():
                     run.finish_reason = "cancelled"
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if llama_cpp.llama_vocab_is_eog(vocab, token) and not sampling.ignore_eos:
                     run.finish_reason = "stop"
                     break
                 run.completion_tokens += 1
@@ -391,6 +400,15 @@ class GgufModel(LoadedModel):
             if self._embedder is not None:
                 self._embedder.close()
             self.thread.shutdown(wait=False)
+
+
+def reusable_prefix(llama: llama_cpp.Llama, *, swa_full: bool) -> bool:
+    """Whether a sequence's KV cache can be cut back to a prefix and continued: not for
+    recurrent state, nor for sliding-window layers that keep only their last window."""
+    model = llama.model
+    if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+        return False
+    return swa_full or not llama_cpp.llama_model_n_swa(model)
 
 
 async def _until_done(job: Job) -> None:

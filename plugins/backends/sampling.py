@@ -84,6 +84,10 @@ def parse_sampling(model: str, params: Mapping[str, Any],
                                       f"got {merged['ignore_eos']!r}")
         values["ignore_eos"] = merged["ignore_eos"]
     values.update(_format(model, merged.get("response_format"), merged.get("schema")))
+    if values.get("ignore_eos") and values.get("response_format"):
+        raise RequestError(model, "ignore_eos cannot be combined with response_format "
+                                  f"{values['response_format']!r}: a complete JSON value has "
+                                  "to end, and only filler could follow it")
     return Sampling(**values)
 
 
