@@ -78,7 +78,8 @@ class OnnxBackend(Backend):
             "name": spec.name, "format": "onnx", "backend": self.name, "path": str(spec.path),
             "providers": providers, "device": providers[0].removesuffix("ExecutionProvider")
             .lower(), "inputs": inputs, "outputs": outputs, "opset": opset,
-            "batch_size": options.batch_size, "file_bytes": spec.path.stat().st_size,
+            "batch_size": options.batch_size, "max_batch_tokens": options.max_batch_tokens,
+            "file_bytes": spec.path.stat().st_size,
             "graph_optimization_level": options.graph_optimization_level,
             "intra_op_threads": threads, "optimized_model": str(optimized or ""),
         }

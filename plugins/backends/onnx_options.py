@@ -34,7 +34,11 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "optimized_model_dir": "",
     "providers": ["CPUExecutionProvider"],
     "provider_options": {},
+    # Most texts in one session run of an encoder or classifier.
     "batch_size": 32,
+    # Most tokens in one session run, padding included; a longer text runs alone. It bounds
+    # a run's memory (attention grows with the square of the length).
+    "max_batch_tokens": 4096,
     # "" looks for tokenizer.json beside the model; relative paths are from the model's folder.
     "tokenizer": "",
     # Tokens kept per text; 0 takes it from the files beside the tokenizer (or 512).
@@ -71,6 +75,7 @@ CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = MappingProxyType({
     "provider_options": (_tables, "must be a table of tables keyed by provider name, for "
                                   "example { CUDAExecutionProvider = { device_id = 0 } }"),
     "batch_size": (lambda v: _count(v) and v >= 1, "must be a whole number, 1 or more"),
+    "max_batch_tokens": (lambda v: _count(v) and v >= 1, "must be a whole number, 1 or more"),
     "tokenizer": (lambda v: isinstance(v, str), "must be a path to a tokenizer.json or \"\""),
     "max_length": (_count, "must be a whole number, 0 or more (0: from the tokenizer's files)"),
 })
@@ -101,6 +106,7 @@ class OnnxOptions:
     providers: tuple[str, ...]
     provider_options: Mapping[str, Mapping[str, Any]]
     batch_size: int
+    max_batch_tokens: int
     tokenizer: str
     max_length: int
 
@@ -133,6 +139,7 @@ def resolve_options(model: str, config: Mapping[str, Any],
         provider_options={name: dict(values)
                           for name, values in merged["provider_options"].items()},
         batch_size=merged["batch_size"],
+        max_batch_tokens=merged["max_batch_tokens"],
         tokenizer=merged["tokenizer"],
         max_length=merged["max_length"],
     )

@@ -45,7 +45,7 @@ class Gateway:
                              retry_after=float(config["retry_after"]))
         self.batcher = EmbeddingBatcher(
             self.queues, lambda model, keep: self.models.use(model, keep_alive=keep),
-            int(config["embedding_batch"]))
+            int(config["embedding_batch"]), float(config["embedding_batch_window"]))
         self.middlewares = sorted(middlewares, key=lambda m: getattr(m, "order", 500))
         self.operations: dict[str, Operation] = {}
         #: The permission each operation needs (``permissions.PERMISSIONS``).
@@ -186,7 +186,10 @@ class Gateway:
                         yield Delta(chunk.text, chunk.tokens)
                 if chunk.finish_reason is not None:
                     call.mark("done")
-                    usage = {**(chunk.usage or {}), "queue_seconds": round(waited, 6),
+                    usage = dict(chunk.usage or {})
+                    # the gateway's queue, then the model's own (a batching model's slots)
+                    waited_in_model = float(usage.get("queue_seconds") or 0.0)
+                    usage = {**usage, "queue_seconds": round(waited + waited_in_model, 6),
                              "load_seconds": round(load_seconds, 6)}
                     reason = chunk.finish_reason
                     if tools is None:

@@ -25,6 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "retry_after": 2,
     # Most inputs of embedding requests gathered into one backend call while a model is busy.
     "embedding_batch": 32,
+    # Seconds a new embedding batch waits for companions before it runs (0: no wait); it
+    # runs sooner once it holds embedding_batch inputs, and at once for a lone client.
+    "embedding_batch_window": 0.002,
 }
 
 
@@ -41,6 +44,7 @@ def inferno_config_spec() -> ConfigSpec:
         Validator("queue_timeout", gt=0),
         Validator("retry_after", gte=0),
         Validator("embedding_batch", gte=1, is_type_of=int),
+        Validator("embedding_batch_window", gte=0, lte=1, is_type_of=(int, float)),
     ])
 
 
