@@ -238,7 +238,7 @@ def queued_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
     """One request per model at a time, one waiting; keep-alive lines every 0.2 s. A server
     per test: a closed stream frees its turn a moment later, not before the next test."""
     with tiny_server(tmp_path_factory, tiny_model, "plugins.gateway.queue_limit=1",
-                     "plugins.gateway.concurrency=1",
+                     "plugins.gateway.concurrency=1", "backends.gguf.parallel=1",
                      "protocols.http.stream_keepalive=0.2") as server:
         yield server
 

@@ -40,9 +40,11 @@ def client(edge_server: Any) -> Iterator[openai.OpenAI]:
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """A 1 KiB body limit and keep-alive lines every 0.1 s, to see both quickly."""
+    """A 1 KiB body limit and keep-alive lines every 0.1 s, to see both quickly; one request
+    at a time, so that a second one waits."""
     with ServerThread("edge", tmp_path_factory.mktemp("tight-data"), sets=[
-            'protocols.http.max_body_size="1KiB"', "protocols.http.stream_keepalive=0.1"]
+            'protocols.http.max_body_size="1KiB"', "protocols.http.stream_keepalive=0.1",
+            "backends.gguf.parallel=1"]
                       ) as server:
         yield server
 

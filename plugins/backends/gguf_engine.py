@@ -144,6 +144,8 @@ class BatchEngine:
         self._capacity = step_tokens + slots
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._eog = end_tokens(self.vocab)
+        #: Each token's bytes, detokenised once: a step needs one per running request.
+        self._pieces: dict[int, bytes] = {}
         self._cond = threading.Condition()
         self._incoming: deque[Job] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -490,7 +492,10 @@ class BatchEngine:
             return
         job.completion_tokens += 1
         slot.held += 1
-        text = stream.feed(self.llama.detokenize([token]))
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.llama.detokenize([token])
+        text = stream.feed(piece)
         if text:
             out.setdefault(job.loop, []).append((job, (text, slot.held)))
             slot.held = 0
