@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
 from dynaconf import Validator
 
 from inferno.kernel import (
@@ -27,6 +26,7 @@ from inferno.kernel import (
     Principal,
     hookimpl,
 )
+from inferno.plugins.protocols.http_hookspecs import AddsHttpAndGatewayHooks
 
 from .keystore import KeyRecord, KeyStore, KeyStoreError, Rejected, iso
 
@@ -48,15 +48,8 @@ DEFAULTS: dict[str, Any] = {
 STOP_WAIT = 5.0
 
 
-class ApiKeyAuth(AuthProvider):
+class ApiKeyAuth(AddsHttpAndGatewayHooks, AuthProvider):
     """API keys (``inf_...``) stored as hashes in SQLite, shared by several processes."""
-
-    @staticmethod
-    @hookimpl
-    def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-        from inferno.plugins.protocols import http_hookspecs
-
-        http_hookspecs.add_with_gateway(plugin_manager)
 
     @staticmethod
     @hookimpl

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pluggy
 from dynaconf import Validator
 
 from inferno.kernel import ConfigError, ConfigProblem, ConfigSpec, Exporter, KernelHandle, hookimpl
+from inferno.plugins.protocols.http_hookspecs import AddsHttpAndGatewayHooks
 
 from .otel_setup import EXPORTERS, build_provider, parse_headers
 
@@ -49,18 +49,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class OtelExporter(Exporter):
+class OtelExporter(AddsHttpAndGatewayHooks, Exporter):
     """OpenTelemetry traces: a span tree per request, exported over OTLP or to the console."""
 
     provider: TracerProvider | None = None
     _tracer: Tracer | None = None
-
-    @staticmethod
-    @hookimpl
-    def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-        from inferno.plugins.protocols import http_hookspecs
-
-        http_hookspecs.add_with_gateway(plugin_manager)
 
     @staticmethod
     @hookimpl

@@ -13,13 +13,13 @@ import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import pluggy
 from aiohttp import web
 from dynaconf import Validator
 from prometheus_client.exposition import choose_encoder
 
 from inferno.kernel import ConfigSpec, Exporter, KernelHandle, hookimpl
 from inferno.kernel.events import Subscription
+from inferno.plugins.protocols.http_hookspecs import AddsHttpAndGatewayHooks
 
 from .prom_metrics import LATENCY_BUCKETS, Metrics, StateCollector, process_collector
 from .prom_middleware import MetricsMiddleware, http_middleware, load_observer
@@ -51,15 +51,8 @@ def _increasing(buckets: Any) -> bool:
     ) and all(a < b for a, b in itertools.pairwise(buckets))
 
 
-class PrometheusExporter(Exporter):
+class PrometheusExporter(AddsHttpAndGatewayHooks, Exporter):
     """Serves the metrics registry; offered to other plugins as ``metrics``."""
-
-    @staticmethod
-    @hookimpl
-    def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
-        from inferno.plugins.protocols import http_hookspecs
-
-        http_hookspecs.add_with_gateway(plugin_manager)
 
     @staticmethod
     @hookimpl

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from inferno.kernel import KernelHandle
+from inferno.kernel import KernelHandle, hookimpl
 from inferno.kernel.hookspecs import hookspec
 
 if TYPE_CHECKING:
@@ -53,3 +53,13 @@ def add_with_gateway(plugin_manager: pluggy.PluginManager) -> None:
 
     add_to(plugin_manager)
     gateway_hookspecs.add_to(plugin_manager)
+
+
+class AddsHttpAndGatewayHooks:
+    """Base of a driver class that offers routes and gateway hooks: registers their specs
+    (``add_with_gateway``) as it is registered itself."""
+
+    @staticmethod
+    @hookimpl
+    def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
+        add_with_gateway(plugin_manager)
