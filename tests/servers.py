@@ -45,6 +45,8 @@ class ServerThread:
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(60)
+        if self._thread.is_alive():  # a kernel that cannot stop is a bug, never a timeout
+            raise RuntimeError(f"the {self.profile} server did not stop within 60 s")
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -27,6 +29,7 @@ from inferno.kernel.config import Layers, profiles_dir
 from inferno.plugins.auth.keystore import KeyStore
 from inferno.plugins.backends.gguf_model import GgufModel
 from inferno.plugins.models.errors import ModelError
+from tests.conftest import REPO
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -361,3 +364,31 @@ async def test_slots_queue_and_step_sizes_are_exported(keyed: Any) -> None:
         f'inferno_batch_sequences_per_step_bucket{{le="1",{model}}}')
         or line.startswith(f'inferno_batch_sequences_per_step_bucket{{{model},le="1"}}'))
     assert float(two.split()[-1]) > float(one.split()[-1])
+
+
+#: Loads a batching model, starts a request and leaves without closing anything.
+UNCLOSED = """
+import asyncio, sys
+from pathlib import Path
+from inferno.kernel import GenerationRequest
+from tests.test_batching import load_gemma
+
+async def main():
+    kernel, model = await load_gemma(Path(sys.argv[1]), Path(sys.argv[2]), {"parallel": 2})
+    request = GenerationRequest("t", prompt="1, 2, 3,", params={"max_tokens": 500})
+    async for chunk in model.generate(request):
+        print("streaming", flush=True)
+        return
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_that_never_closes_its_model_still_ends(gemma_path: Path,
+                                                          tmp_path: Path) -> None:
+    """At exit Python joins every worker thread, and the engine's loop holds its model's
+    thread until stopped: without the exit hook that stops it, this process never ends."""
+    done = subprocess.run([sys.executable, "-c", UNCLOSED, str(gemma_path), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "streaming" in done.stdout.splitlines()

@@ -371,6 +371,38 @@ async def test_a_replaced_file_is_swapped_in_while_old_requests_finish(
         assert await manager.check_files() == ["tiny"]  # a newer version is taken again
 
 
+async def test_shutdown_closes_a_model_still_serving_and_one_still_loading(
+        models_kernel: Any, tiny: Path) -> None:
+    """Nothing loaded outlives the manager: a loaded model's thread would keep the process
+    from ending."""
+    kernel = models_kernel({"tiny": {"path": str(tiny)}, "twin": {"path": str(tiny)}})
+    recorder = Recorder(kernel)
+    async with kernel.running():
+        manager: ModelManager = kernel.service("models")
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def serve() -> None:
+            async with manager.use("tiny"):
+                entered.set()
+                await release.wait()
+
+        serving = asyncio.ensure_future(serve())
+        await entered.wait()
+        loading = asyncio.ensure_future(manager.load("twin"))
+        await asyncio.sleep(0)  # the load is under way
+        await manager.close()
+        assert loading.done()
+        assert not manager.residents
+        unloaded = sorted((e.model, e.reason) for e in await recorder.of(ModelUnloaded))
+        assert unloaded == [("tiny", "shutdown"), ("twin", "shutdown")]
+        assert kernel.resources.usage()["memory"]["holders"] == {}
+        with pytest.raises(ModelError, match="shutting down"):
+            await manager.load("tiny")
+        release.set()
+        await serving  # its end closes nothing twice
+        assert len(await recorder.of(ModelUnloaded)) == 2
+
+
 async def test_a_broken_new_version_leaves_the_old_one_serving(models_kernel: Any,
                                                                 tiny: Path) -> None:
     kernel = models_kernel({"tiny": {"path": str(tiny)}})

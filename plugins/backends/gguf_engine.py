@@ -33,6 +33,21 @@ from inferno.plugins.models.errors import ModelError, RequestError
 from .sampling import Sampling
 from .streaming import TextStream
 
+#: Engines whose loop runs (see ``_stop_running``).
+_RUNNING: set[BatchEngine] = set()
+
+
+def _stop_running() -> None:
+    """Stop the engines of models nobody closed, so that the process can end: at exit
+    ``concurrent.futures`` joins every worker thread, and an engine's loop holds its model's
+    thread until it is stopped. Registered after ``concurrent.futures``' own exit hook
+    (imported above), it runs before it: these hooks run last registered first."""
+    for engine in list(_RUNNING):
+        engine.stop()
+
+
+threading._register_atexit(_stop_running)  # type: ignore[attr-defined]
+
 #: Handed to a job's queue after its last piece of text.
 DONE = object()
 #: Tokens of the most recent penalised window (llama-cpp-python's ``last_n_tokens_size``).
@@ -159,6 +174,7 @@ class BatchEngine:
         self._failure: ModelError | None = None
         self._admissions = 0
         self._on_error = on_error
+        _RUNNING.add(self)
         self._runner = thread.submit(self._run)
 
     # ------------------------------------------------------------------ event-loop side
@@ -234,6 +250,7 @@ class BatchEngine:
                 self._on_error(exc)
         finally:
             llama_cpp.llama_batch_free(self._batch)
+            _RUNNING.discard(self)
 
     def _turn(self) -> bool:
         with self._cond:

@@ -64,6 +64,10 @@ class ModelManager:
         self._swapping: dict[str, asyncio.Lock] = {}
         self._described: dict[Path, tuple[Stamp, ModelFile]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Every version loaded and not yet closed: current, retired and still serving, or
+        #: loaded by a swap that has not switched yet.
+        self._open: set[Version] = set()
+        self._closing = False
         #: Models the profile preloads that failed to load, with the reason.
         self.preload_failures: dict[str, str] = {}
 
@@ -156,6 +160,9 @@ class ModelManager:
             return self.residents[entry.name]
         pending = self._loading.get(entry.name)
         if pending is None:
+            if self._closing:
+                raise ModelError(entry.name, "Inferno is shutting down; the model is not "
+                                             "loaded")
             pending = asyncio.ensure_future(self._load_resident(entry))
             self._loading[entry.name] = pending
             pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
@@ -218,11 +225,13 @@ class ModelManager:
             raise ModelError(entry.name, f"{backend.name} could not load {path}: "
                                          f"{type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
+        version = Version(entry, path, stamp, model, reservation, backend.name)
+        self._open.add(version)
         bus.publish(ModelLoaded(model=entry.name, backend=backend.name, version=stamp.id,
                                 seconds=round(seconds, 3), memory_bytes=need))
         self.log.info("model loaded", model=entry.name, backend=backend.name,
                       seconds=round(seconds, 3), memory_mb=round(need / 2**20, 1))
-        return Version(entry, path, stamp, model, reservation, backend.name)
+        return version
 
     def _failed(self, name: str, exc: BaseException, stage: str) -> None:
         reason = exc.reason if isinstance(exc, ModelError) else f"{exc}"
@@ -309,6 +318,9 @@ class ModelManager:
         resident.current.retired = True
 
     async def _close(self, version: Version, reason: str) -> None:
+        if version not in self._open:
+            return  # closed already (at shutdown, under a request that ended later)
+        self._open.discard(version)
         try:
             await version.model.close()
         except Exception as exc:  # memory is given back either way
@@ -319,12 +331,21 @@ class ModelManager:
         self.log.info("model unloaded", model=version.entry.name, reason=reason)
 
     async def close(self) -> None:
-        """Unload everything (at shutdown) and wait for background work."""
+        """Unload everything (at shutdown) and wait for background work. Loads and swaps
+        under way finish first, and a version still serving a request is closed under it
+        (the request ends with an error): no loaded model outlives the manager, since its
+        threads would keep the process from ending."""
+        self._closing = True  # no load or swap starts from now on
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        for lock in list(self._swapping.values()):
+            async with lock:
+                pass
         for name in list(self.residents):
             await self.unload(name, "shutdown")
-        for task in list(self._tasks):
-            with contextlib.suppress(Exception):
-                await task
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for version in list(self._open):
+            await self._close(version, "shutdown")
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -364,7 +385,7 @@ class ModelManager:
         lock = self._swapping.setdefault(name, asyncio.Lock())
         async with lock:
             resident = self.residents.get(name)
-            if resident is None:
+            if resident is None or self._closing:
                 return False
             old = resident.current
             try:
