@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from inferno.plugins.models.errors import ModelError, RequestError
 
@@ -94,9 +95,36 @@ class _Slot:
     prefilled: int = 0  # prompt tokens evaluated (reused ones included)
     chunk_base: int = 0  # where prompt chunks are counted from (after the reused prefix)
     pending: int | None = None  # the sampled token to decode next
-    sampler: Any = None
+    sampler: Any = None  # the request's native chain; None when ``greedy`` picks instead
+    greedy: _Greedy | None = None
     stream: TextStream | None = None
     held: int = 0  # tokens whose text is held back (a possible stop string, a partial character)
+
+
+@dataclass(frozen=True)
+class _Greedy:
+    """The highest logit after a request's logit biases: what llama.cpp's greedy sampler
+    picks (the first of equal maxima) when no penalty or grammar changes the logits. Read
+    off the logits row in place, it skips building the vocabulary-sized candidate array
+    that a sampler chain fills for every token (262,144 entries for Gemma 3)."""
+
+    tokens: Any  # numpy int array, the biased tokens
+    biases: Any  # numpy float32 array, their biases
+
+    @classmethod
+    def of(cls, bias: dict[int, float]) -> _Greedy:
+        return cls(np.fromiter(bias, dtype=np.int64, count=len(bias)),
+                   np.fromiter(bias.values(), dtype=np.float32, count=len(bias)))
+
+    def pick(self, logits: Any) -> int:
+        if not len(self.tokens):
+            return int(logits.argmax())
+        saved = logits[self.tokens]
+        logits[self.tokens] = saved + self.biases
+        try:
+            return int(logits.argmax())
+        finally:
+            logits[self.tokens] = saved
 
 
 #: Upper bounds of the per-step histograms: sequences in a step, tokens in a step.
@@ -369,7 +397,8 @@ class BatchEngine:
     def _start(self, job: Job, slot: _Slot, source: _Slot | None, reuse: int) -> None:
         self._admissions += 1
         slot.job, slot.admitted = job, self._admissions
-        slot.sampler = self._sampler(job)  # first: a refused grammar leaves the KV alone
+        # first: a refused grammar leaves the KV alone
+        slot.sampler, slot.greedy = self._sampler(job)
         if source is None:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reuse, -1)
             del slot.tokens[reuse:]
@@ -390,22 +419,30 @@ class BatchEngine:
         llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
         slot.tokens = []
 
-    def _sampler(self, job: Job) -> Any:
-        """The request's own chain, in the order llama-cpp-python's ``Llama`` builds it."""
+    def _bias(self, job: Job) -> dict[int, float]:
+        bias = {token: float("-inf") if amount <= -100 else float(amount)
+                for token, amount in job.sampling.logit_bias.items()}
+        if job.sampling.ignore_eos:
+            bias.update((token, float("-inf")) for token in self._eog)
+        return bias
+
+    def _sampler(self, job: Job) -> tuple[Any, _Greedy | None]:
+        """The request's own chain, in the order llama-cpp-python's ``Llama`` builds it, or
+        for a greedy request whose logits nothing else changes, the argmax that replaces it."""
         s = job.sampling
+        bias = self._bias(job)
+        if (s.greedy and job.grammar is None and s.repeat_penalty == 1.0
+                and s.frequency_penalty == 0.0 and s.presence_penalty == 0.0):
+            return None, _Greedy.of(bias)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
             llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-        bias = dict(s.logit_bias)
-        if s.ignore_eos:
-            bias.update((token, float("-inf")) for token in self._eog)
         if bias:
             entries = (llama_cpp.llama_logit_bias * len(bias))()
             for entry, (token, amount) in zip(entries, bias.items(), strict=True):
-                entry.token = token
-                entry.bias = float("-inf") if amount <= -100 else amount
+                entry.token, entry.bias = token, amount
             add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(bias), entries))
         add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, PENALTY_WINDOW, s.repeat_penalty,
                                                    s.frequency_penalty, s.presence_penalty))
@@ -426,7 +463,7 @@ class BatchEngine:
             add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
             add(llama_cpp.llama_sampler_init_temp(s.temperature))
             add(llama_cpp.llama_sampler_init_dist(job.seed))
-        return chain
+        return chain, None
 
     # one step -----------------------------------------------------------------
 
@@ -488,9 +525,14 @@ class BatchEngine:
             slot.tokens.extend(tokens)
             slot.used_at = now
         for slot, row in rows:
-            token = llama_cpp.llama_sampler_sample(slot.sampler, self.ctx, row)
             self.decoded_tokens += 1
-            self._accept(slot, token, now, out)
+            self._accept(slot, self._sample(slot, row), now, out)
+
+    def _sample(self, slot: _Slot, row: int) -> int:
+        if slot.greedy is not None:
+            return slot.greedy.pick(np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)))
+        return int(llama_cpp.llama_sampler_sample(slot.sampler, self.ctx, row))
 
     def _accept(self, slot: _Slot, token: int, now: float,
                 out: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]) -> None:
@@ -535,7 +577,8 @@ class BatchEngine:
         pieces.append((job, DONE))
         if slot.sampler is not None:
             llama_cpp.llama_sampler_free(slot.sampler)
-        slot.job, slot.sampler, slot.stream, slot.pending, slot.held = None, None, None, None, 0
+        slot.job, slot.sampler, slot.greedy, slot.stream = None, None, None, None
+        slot.pending, slot.held = None, 0
         slot.used_at = job.finished_at
         self.stats.finished += 1
         if not self.prefix_reuse:
