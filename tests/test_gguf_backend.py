@@ -191,8 +191,22 @@ def test_the_configured_seed_makes_unseeded_sampling_repeatable(load: Callable[.
 
 def test_a_quantised_kv_cache_without_flash_attention_says_what_to_set(
         load: Callable[..., Any], tiny: Path) -> None:
-    with pytest.raises(ModelError, match=r"^tiny: kv_cache_type 'q4_0' needs flash_attention"):
-        load(tiny, settings, options={"kv_cache_type": "q4_0"})
+    with pytest.raises(ModelError, match=r"^tiny: kv_cache_type 'q4_0' needs flash_attention"
+                                         r" = true or \"auto\""):
+        load(tiny, settings, options={"kv_cache_type": "q4_0", "flash_attention": False})
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_flash_attention_is_left_to_llama_cpp_by_default(load: Callable[..., Any], tiny: Path,
+                                                         parallel: int) -> None:
+    """llama.cpp's "auto" (as its own server has it): on wherever the device supports it,
+    which a quantised KV cache needs."""
+    given = load(tiny, settings, config={"parallel": parallel, "kv_cache_type": "q8_0"})
+    assert given["flash_attn_type"] == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert given["type_k"] == given["type_v"] == llama_cpp.GGML_TYPE_Q8_0
+    assert given["n_seq_max"] == parallel
+    off = load(tiny, settings, config={"parallel": parallel, "flash_attention": False})
+    assert off["flash_attn_type"] == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 @pytest.mark.parametrize(("options", "problem"), [
@@ -201,6 +215,7 @@ def test_a_quantised_kv_cache_without_flash_attention_says_what_to_set(
     ({"gpu_layers": "most"}, r"option gpu_layers = 'most' is invalid"),
     ({"threads": -2}, r"option threads = -2 is invalid"),
     ({"swa_full": "yes"}, r"option swa_full = 'yes' is invalid"),
+    ({"flash_attention": 1}, r"option flash_attention = 1 is invalid"),
 ])
 def test_a_bad_model_entry_option_is_a_model_error(load: Callable[..., Any], tiny: Path,
                                                    options: dict[str, Any],
@@ -778,9 +793,12 @@ def test_a_quantised_kv_cache_without_flash_attention_is_a_configuration_error(
     from inferno.kernel import ConfigError
 
     with pytest.raises(ConfigError, match=r"backends.gguf.kv_cache_type: a quantised KV cache "
-                                          r"\(q8_0\) needs flash_attention = true"):
-        make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0"}}})
+                                          r"\(q8_0\) needs flash_attention = true or"):
+        make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0", "flash_attention": False}}})
+    with pytest.raises(ConfigError, match=r"backends.gguf.flash_attention"):
+        make_kernel({"backends": {"gguf": {"flash_attention": "sometimes"}}})
     make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0", "flash_attention": True}}})
+    make_kernel({"backends": {"gguf": {"kv_cache_type": "q8_0"}}})  # "auto", the default
 
 
 def test_a_load_leaves_stdout_and_stderr_where_they_are(load: Callable[..., Any],

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,7 +74,8 @@ DEFAULTS: dict[str, Any] = {
     "main_gpu": 0,
     # Share of the model per GPU, for example [0.5, 0.5]; empty means llama.cpp decides.
     "tensor_split": [],
-    "flash_attention": False,
+    # "auto" (llama.cpp turns it on where the device supports it: always on CPUs), true, false.
+    "flash_attention": "auto",
     "mmap": True,
     "mlock": False,
     # KV cache element type: f32, f16, q8_0 or q4_0.
@@ -103,7 +105,23 @@ MINIMUM = {"context_size": 0, "threads": 0, "threads_batch": 0, "batch_size": 1,
            "ubatch_size": 1, "main_gpu": 0, "seed": -1, "parallel": 1, "kv_cache_size": 0}
 #: llama.cpp's own limit on sequences in one context.
 MAX_PARALLEL = int(llama_cpp.llama_max_parallel_sequences())
-CHOICES = {"kv_cache_type": frozenset(KV_TYPES), "pooling": frozenset({"", *POOLING})}
+CHOICES = {"kv_cache_type": frozenset(KV_TYPES), "pooling": frozenset({"", *POOLING}),
+           "flash_attention": frozenset({"auto", True, False})}
+#: llama.cpp's setting for each ``flash_attention`` value.
+FLASH_ATTENTION = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+                   True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                   False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+
+def _is_choice(choices: frozenset[Any], value: Any) -> bool:
+    """By type too: 1 is not true, and a list is no choice at all."""
+    return any(type(value) is type(choice) and value == choice for choice in choices)
+
+
+def _choice_of(choices: frozenset[Any]) -> Callable[[Any], bool]:
+    def is_choice(value: Any) -> bool:  # dynaconf names a failed condition by its function
+        return _is_choice(choices, value)
+    return is_choice
 
 
 def _gpu_layers(value: Any) -> bool:
@@ -117,11 +135,15 @@ VALIDATORS = [
     Validator("gpu_layers", condition=_gpu_layers,
               messages={"condition": "gpu_layers must be 'auto', 'all' or a number of layers "
                                      "≥ 0, got {value!r}"}),
-    *(Validator(key, is_in=sorted(choices)) for key, choices in CHOICES.items()),
+    *(Validator(key, condition=_choice_of(choices),
+                messages={"condition": f"{key} must be one of "
+                                       f"{', '.join(sorted(map(json.dumps, choices)))}, "
+                                       f"got {{value!r}}"})
+      for key, choices in CHOICES.items()),
     # llama.cpp quantises the V cache only inside its flash-attention kernels.
     Validator("kv_cache_type", is_in=["f16", "f32"], when=Validator("flash_attention", eq=False),
               messages={"operations": "a quantised KV cache ({value}) needs flash_attention = "
-                                      "true"}),
+                                      "true or \"auto\""}),
 ]
 
 
@@ -131,7 +153,7 @@ def option_problem(key: str, value: Any) -> str | None:
     if key == "gpu_layers":
         ok = _gpu_layers(value)
     elif key in CHOICES:
-        ok = value in CHOICES[key]
+        ok = _is_choice(CHOICES[key], value)
     elif isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -170,10 +192,10 @@ class GgufBackend(Backend):
             if problem := option_problem(key, spec.options[key]):
                 raise ModelError(spec.name, problem)
         options = {**self.config, **spec.options}
-        if KV_BYTES[options["kv_cache_type"]] < 2 and not options["flash_attention"]:
+        if KV_BYTES[options["kv_cache_type"]] < 2 and options["flash_attention"] is False:
             raise ModelError(spec.name, f"kv_cache_type {options['kv_cache_type']!r} needs "
-                                        f"flash_attention = true: llama.cpp quantises the KV "
-                                        f"cache only with flash attention")
+                                        f"flash_attention = true or \"auto\": llama.cpp "
+                                        f"quantises the KV cache only with flash attention")
         kv_size = int(options["kv_cache_size"])
         if kv_size and kv_size < (context := context_size(options, file_metadata(spec))):
             raise ModelError(spec.name, f"kv_cache_size {kv_size} is smaller than the context "
@@ -235,7 +257,9 @@ class GgufBackend(Backend):
             "n_gpu_layers": gpu_layers(options["gpu_layers"]),
             "main_gpu": int(options["main_gpu"]),
             "tensor_split": list(options["tensor_split"]) or None,
-            "flash_attn": bool(options["flash_attention"]),
+            # "auto" is set on the context made again below; on until then, so that the
+            # first context takes a quantised KV cache
+            "flash_attn": options["flash_attention"] is not False,
             "use_mmap": bool(options["mmap"]), "use_mlock": bool(options["mlock"]),
             "type_k": KV_TYPES[options["kv_cache_type"]],
             "type_v": KV_TYPES[options["kv_cache_type"]],
@@ -252,23 +276,29 @@ class GgufBackend(Backend):
             try:
                 llama = llama_cpp.Llama(**kwargs)
                 if slots > 1:
-                    _share_context(llama, slots, kv_tokens(options, spec.metadata),
-                                   int(options["batch_size"]) + slots,
-                                   int(options["ubatch_size"]))
+                    _remake_context(llama, FLASH_ATTENTION[options["flash_attention"]],
+                                    slots=slots, kv_size=kv_tokens(options, spec.metadata),
+                                    batch=int(options["batch_size"]) + slots,
+                                    ubatch=int(options["ubatch_size"]))
+                elif options["flash_attention"] == "auto":
+                    _remake_context(llama, llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ModelError(spec.name, f"llama.cpp could not load {spec.path}: "
                                             f"{log.reason()} ({exc})") from None
         return llama, offloaded()
 
 
-def _share_context(llama: llama_cpp.Llama, slots: int, kv_size: int, batch: int,
-                   ubatch: int) -> None:
-    """Give ``llama`` a context of ``slots`` sequences sharing one KV cache of ``kv_size``
-    tokens, in place of the one-sequence context ``Llama`` makes (it takes no such
-    option). A step's batch (its prompt budget and one token per slot) is decoded whole."""
+def _remake_context(llama: llama_cpp.Llama, flash_attention: int, *, slots: int = 1,
+                    kv_size: int = 0, batch: int = 0, ubatch: int = 0) -> None:
+    """Replace the context ``Llama`` made with one it has no options for: flash attention
+    left to llama.cpp ("auto"), and with ``slots`` > 1, that many sequences sharing one KV
+    cache of ``kv_size`` tokens. A step's batch (its prompt budget and one token per slot)
+    is decoded whole."""
     params = llama.context_params
-    params.n_ctx, params.n_seq_max, params.kv_unified = kv_size, slots, True
-    params.n_batch, params.n_ubatch = batch, min(ubatch, batch)
+    params.flash_attn_type = flash_attention
+    if slots > 1:
+        params.n_ctx, params.n_seq_max, params.kv_unified = kv_size, slots, True
+        params.n_batch, params.n_ubatch = batch, min(ubatch, batch)
     llama._ctx.close()
     try:
         llama._ctx = llama_cpp._internals.LlamaContext(model=llama._model, params=params,
