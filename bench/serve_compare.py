@@ -8,7 +8,9 @@ bench/build_llama_server.sh, unless --llama-server names a binary) and then Infe
 (``inferno serve`` with the edge profile), one at a time, each on a free loopback port
 with Gemma 3 270M Q4_K_M and one thread per physical core. Against each, at every
 concurrency level, bench/serve_load.py sends one warm-up request and then
-max(8, 2 x concurrency) streaming completions of --max-tokens tokens each, with
+max(8, 8 x concurrency) streaming completions of --max-tokens tokens each (eight per
+stream: the ramp at the start and the tail at the end, when fewer streams are left, weigh
+little), with
 ``ignore_eos`` and temperature 0. Every request has its own prompt (the same ones for both
 servers), so no server answers from a cached prefix.
 
@@ -165,7 +167,7 @@ def inferno_command(port: int, data_dir: str, args: argparse.Namespace) -> list[
 
 
 def requests_at(concurrency: int, args: argparse.Namespace) -> int:
-    return int(args.requests) if args.requests else max(8, 2 * concurrency)
+    return int(args.requests) if args.requests else max(8, 8 * concurrency)
 
 
 def sweep(name: str, base_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -243,6 +245,10 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "inferno": ours["output_tokens_per_s"],
                         "llama_server": theirs["output_tokens_per_s"],
                         "ratio": round(ratio, 3), "passed": ratio >= AGGREGATE_RATIO})
+        paired = zip(ours.get("output_tokens_per_s_rounds") or [],
+                     theirs.get("output_tokens_per_s_rounds") or [], strict=False)
+        # round by round (the two servers of a round ran back to back): how steady it is
+        targets[-1]["round_ratios"] = [round(a / b, 3) for a, b in paired if b]
         targets.append({"target": f"{TARGET_STREAMS} streams: TTFT p50 <= llama-server's",
                         "inferno": ours["ttft_ms"]["p50"],
                         "llama_server": theirs["ttft_ms"]["p50"],
@@ -349,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,2,4,8,16",
                         help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=0,
-                        help="requests per level; 0: max(8, 2 x concurrency)")
+                        help="requests per level; 0: max(8, 8 x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8,
                         help="sequence slots of both servers (llama-server -np)")
