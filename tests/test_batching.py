@@ -366,6 +366,36 @@ async def test_slots_queue_and_step_sizes_are_exported(keyed: Any) -> None:
     assert float(two.split()[-1]) > float(one.split()[-1])
 
 
+async def test_a_waiting_request_of_a_higher_priority_role_goes_first(
+        tmp_path: Path) -> None:
+    """One slot: while Ann's request runs, Bob's waits, then the admin's arrives. The admin
+    role has priority 10 (``plugins.gateway.priorities``), so it runs before Bob's."""
+    store = KeyStore(tmp_path / "keys.sqlite")
+    keys = {name: store.create(name, roles=["user"])[1] for name in ("ann", "bob")}
+    keys["ops"] = store.create("ops", roles=["admin"])[1]
+    sets = ["auth.none.enabled=false", f'auth.api_key.store="{tmp_path / "keys.sqlite"}"',
+            "backends.gguf.parallel=1", "plugins.gateway.priorities={admin = 10}"]
+    finished: list[str] = []
+
+    async def ask(session: aiohttp.ClientSession, url: str, name: str) -> None:
+        status, body = await complete(session, url, keys[name], f"{name}'s story:",
+                                      max_tokens=24, ignore_eos=True)
+        assert status == 200, body
+        finished.append(name)
+
+    with ServerThread("edge", tmp_path / "data", sets=sets) as server:
+        async with aiohttp.ClientSession() as session:
+            assert (await complete(session, server.url, keys["ann"], "Hello"))[0] == 200
+            running = asyncio.ensure_future(ask(session, server.url, "ann"))
+            await asyncio.sleep(0.3)
+            bob = asyncio.ensure_future(ask(session, server.url, "bob"))
+            await asyncio.sleep(0.3)
+            ops = asyncio.ensure_future(ask(session, server.url, "ops"))
+            await asyncio.gather(running, bob, ops)
+    store.close()
+    assert finished == ["ann", "ops", "bob"]
+
+
 #: Loads a batching model, starts a request and leaves without closing anything.
 UNCLOSED = """
 import asyncio, sys

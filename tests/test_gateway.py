@@ -183,6 +183,29 @@ async def test_a_request_that_waits_too_long_is_refused_and_frees_its_place() ->
     assert queues.models["m"].running == 0
 
 
+async def test_a_higher_priority_takes_the_next_turn_and_equals_keep_their_order() -> None:
+    queues = Queues(concurrency=1, limit=4, timeout=5, retry_after=1)
+    holder = queues.enter("m")
+    tickets = [("low", queues.enter("m", -5)), ("first", queues.enter("m")),
+               ("high", queues.enter("m", 10)), ("second", queues.enter("m"))]
+    with pytest.raises(ApiError):  # a full queue refuses even the highest priority
+        queues.enter("m", 100)
+    order: list[str] = []
+
+    async def take(name: str, ticket: Any) -> None:
+        async with ticket.turn():
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    async with holder.turn():
+        waiting = [asyncio.ensure_future(take(name, ticket)) for name, ticket in tickets]
+        await asyncio.sleep(0.05)
+        assert order == []
+    await asyncio.gather(*waiting)
+    assert order == ["high", "first", "second", "low"]
+    assert queues.models["m"].priority == {}
+
+
 # --------------------------------------------------------------------------- with a kernel
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from inferno.kernel import GenerationRequest, KernelHandle
+from inferno.kernel import GenerationRequest, KernelHandle, Principal
 
 from .batching import EmbeddingBatcher
 from .bodies import EmbeddingPlan, GenerationPlan, parse_chat, parse_completion, parse_embeddings
@@ -143,12 +143,20 @@ class Gateway:
         owner = call.principal.id if call.principal is not None else ""
         request = GenerationRequest(request_id=call.id, prompt=plan.prompt, messages=messages,
                                     params=params, owner=owner)
-        ticket = self.queues.enter(entry.name)
+        ticket = self.queues.enter(entry.name, self.priority(call.principal))
         events = self._generate(entry.name, plan, request, ticket, call)
         reply = StreamReply(entry.name, events, kind=plan.kind)
         reply.on_close(ticket.release)  # also when it is closed before it started
         call.state["reply"] = reply
         return reply
+
+    def priority(self, principal: Principal | None) -> int:
+        """The highest priority of the caller's roles (``priorities``), else 0."""
+        priorities: Mapping[str, int] = self.config["priorities"]
+        if principal is None or not priorities:
+            return 0
+        return max((int(priorities[role]) for role in principal.roles if role in priorities),
+                   default=0)
 
     async def _generate(self, model: str, plan: GenerationPlan, request: GenerationRequest,
                         ticket: Any, call: Call) -> AsyncIterator[Delta | Final]:

@@ -23,6 +23,10 @@ DEFAULTS: dict[str, Any] = {
     "queue_timeout": 120.0,
     # Seconds a refused client is told to wait (the Retry-After header).
     "retry_after": 2,
+    # Priority of a caller's requests by role, e.g. {admin = 10, batch = -5}: when a model's
+    # turn frees, the waiting request of the highest priority takes it (the earliest of equal
+    # ones). A caller takes its roles' highest; callers with none of these roles have 0.
+    "priorities": {},
     # Most inputs of embedding requests gathered into one backend call while a model is busy.
     "embedding_batch": 32,
     # Seconds a new embedding batch waits for companions before it runs (0: no wait); it
@@ -36,6 +40,10 @@ def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
     hookspecs.add_to(plugin_manager)
 
 
+def _priorities(value: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+
+
 @hookimpl
 def inferno_config_spec() -> ConfigSpec:
     return ConfigSpec(defaults=DEFAULTS, validators=[
@@ -44,6 +52,9 @@ def inferno_config_spec() -> ConfigSpec:
         Validator("queue_timeout", gt=0),
         Validator("retry_after", gte=0),
         Validator("embedding_batch", gte=1, is_type_of=int),
+        Validator("priorities", is_type_of=dict, condition=_priorities,
+                  messages={"condition": "priorities maps role names to integers, got "
+                                         "{value!r}"}),
         Validator("embedding_batch_window", gte=0, lte=1, is_type_of=(int, float)),
     ])
 

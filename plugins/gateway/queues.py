@@ -1,4 +1,5 @@
-"""Per-model queues: a bounded number of requests wait, a bounded time, in arrival order.
+"""Per-model queues: a bounded number of requests wait, a bounded time, in arrival order
+within a priority (a caller's roles give it one: ``plugins.gateway.priorities``).
 
 A model runs ``concurrency`` requests at once. Up to ``limit`` more wait for a turn;
 one more is refused at once (503 with ``Retry-After``) rather than left to wait
@@ -24,7 +25,9 @@ class ModelQueue:
     concurrency: int
     limit: int
     running: int = 0
+    #: Highest priority first, arrival order within one.
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    priority: dict[asyncio.Future[None], int] = field(default_factory=dict)
     served: int = 0
     refused: int = 0
     wait_seconds: float = 0.0
@@ -44,7 +47,7 @@ class ModelQueue:
 class Ticket:
     """A place in a model's queue, taken when the request is accepted."""
 
-    def __init__(self, queues: Queues, queue: ModelQueue) -> None:
+    def __init__(self, queues: Queues, queue: ModelQueue, priority: int = 0) -> None:
         self.queues = queues
         self.queue = queue
         self.waited = 0.0
@@ -56,7 +59,11 @@ class Ticket:
             self._active = True
         else:
             self._future = asyncio.get_running_loop().create_future()
-            queue.waiters.append(self._future)
+            place = len(queue.waiters)  # behind every waiter of this priority or higher
+            while place and queue.priority[queue.waiters[place - 1]] < priority:
+                place -= 1
+            queue.waiters.insert(place, self._future)
+            queue.priority[self._future] = priority
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[float]:
@@ -94,6 +101,7 @@ class Ticket:
         elif self._future is not None:
             if self._future in queue.waiters:
                 queue.waiters.remove(self._future)
+                queue.priority.pop(self._future, None)
             if self._future.done() and not self._future.cancelled():
                 queue.running -= 1  # handed a turn it will not use: pass it on
                 self.queues.wake(queue)
@@ -110,8 +118,9 @@ class Queues:
         self.retry_after = retry_after
         self.models: dict[str, ModelQueue] = {}
 
-    def enter(self, model: str) -> Ticket:
-        """A ticket for ``model``'s queue, or ``ApiError`` 503 when the queue is full."""
+    def enter(self, model: str, priority: int = 0) -> Ticket:
+        """A ticket for ``model``'s queue, or ``ApiError`` 503 when the queue is full (a
+        higher priority takes a turn first, never another's place in a full queue)."""
         queue = self.models.get(model)
         if queue is None:
             queue = self.models[model] = ModelQueue(model, self.concurrency, self.limit)
@@ -120,7 +129,7 @@ class Queues:
             raise ApiError(503, f"model {model!r} is busy: {queue.running} running and "
                                 f"{queue.waiting} waiting, the most this server queues; try "
                                 f"again later", code="queue_full", retry_after=self.retry_after)
-        return Ticket(self, queue)
+        return Ticket(self, queue, priority)
 
     def resize(self, model: str, concurrency: int) -> None:
         """Serve ``concurrency`` requests of ``model`` at once from now on (a loaded model
@@ -133,6 +142,7 @@ class Queues:
     def wake(self, queue: ModelQueue) -> None:
         while queue.waiters and queue.running < queue.concurrency:
             future = queue.waiters.pop(0)
+            queue.priority.pop(future, None)
             if not future.done():
                 queue.running += 1
                 future.set_result(None)
