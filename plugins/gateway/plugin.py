@@ -41,7 +41,8 @@ def inferno_add_hookspecs(plugin_manager: pluggy.PluginManager) -> None:
 
 
 def _priorities(value: Any) -> bool:
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+    return isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in value.values())
 
 
 @hookimpl
