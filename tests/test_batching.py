@@ -377,20 +377,34 @@ async def test_a_waiting_request_of_a_higher_priority_role_goes_first(
             "backends.gguf.parallel=1", "plugins.gateway.priorities={admin = 10}"]
     finished: list[str] = []
 
-    async def ask(session: aiohttp.ClientSession, url: str, name: str) -> None:
+    async def ask(session: aiohttp.ClientSession, url: str, name: str, tokens: int) -> None:
         status, body = await complete(session, url, keys[name], f"{name}'s story:",
-                                      max_tokens=24, ignore_eos=True)
+                                      max_tokens=tokens, ignore_eos=True)
         assert status == 200, body
         finished.append(name)
+
+    async def queued(session: aiohttp.ClientSession, url: str, running: int,
+                     waiting: int) -> None:
+        """Until the model's queue holds that many (the server's own status says so)."""
+        for _ in range(600):
+            async with session.get(url + "/api/v1/status", headers={
+                    "Authorization": f"Bearer {keys['ops']}"}) as response:
+                queue = (await response.json())["queues"].get("gemma-3-270m", {})
+            if (queue.get("running"), queue.get("waiting")) == (running, waiting):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the queue never held {running} running and {waiting} waiting")
 
     with ServerThread("edge", tmp_path / "data", sets=sets) as server:
         async with aiohttp.ClientSession() as session:
             assert (await complete(session, server.url, keys["ann"], "Hello"))[0] == 200
-            running = asyncio.ensure_future(ask(session, server.url, "ann"))
-            await asyncio.sleep(0.3)
-            bob = asyncio.ensure_future(ask(session, server.url, "bob"))
-            await asyncio.sleep(0.3)
-            ops = asyncio.ensure_future(ask(session, server.url, "ops"))
+            # Ann's request runs long enough for the other two to line up behind it
+            running = asyncio.ensure_future(ask(session, server.url, "ann", 400))
+            await queued(session, server.url, 1, 0)
+            bob = asyncio.ensure_future(ask(session, server.url, "bob", 8))
+            await queued(session, server.url, 1, 1)
+            ops = asyncio.ensure_future(ask(session, server.url, "ops", 8))
+            await queued(session, server.url, 1, 2)
             await asyncio.gather(running, bob, ops)
     store.close()
     assert finished == ["ann", "ops", "bob"]
